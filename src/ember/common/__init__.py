@@ -1,0 +1,1 @@
+"""Shared plumbing: config <-> CLI, run folders and lineage, logging, checkpoints, distributed."""

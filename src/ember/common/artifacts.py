@@ -1,0 +1,246 @@
+"""Run folders, atomic writes, content hashes and lineage.
+
+Every stage writes `<run>/<stage>/` holding its outputs, `config.json` (replay with --config) and
+`meta.json`: resolved config, input artifacts with content hashes, ember version + git sha, start/end
+time, metrics and a `status`. Only a meta.json with status "finished" marks finished work, and it is the
+last file a stage writes, so a crash at any point leaves a folder that does not look finished.
+
+    run = artifacts.begin("tokenize", cfg, inputs={"docs": docs_dir, "tokenizer": tok_file})
+    if run.cached:
+        return run.metrics
+    ...write files into run.dir...
+    return run.finish({"tokens": n})
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import ember
+from ember.common.errors import UserError
+from ember.common.log import print0
+
+# Set by `--force` on the command line: rerun a stage even when a finished run matches.
+FORCE: contextvars.ContextVar[bool] = contextvars.ContextVar("ember_force", default=False)
+
+
+# ---------------------------------------------------------------------------- atomic writes
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temp path beside `path`; on success it is renamed over `path` (atomic on POSIX).
+
+    On an exception the temp file is removed and the previous `path`, if any, stays intact.
+    Works for files and for folders (a folder target must not exist or is replaced whole).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    tmp.unlink()  # the writer creates it (as a file or a folder)
+    try:
+        yield tmp
+        if tmp.is_dir() and path.is_dir():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def write_text(path: str | Path, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+# ---------------------------------------------------------------------------- hashing
+
+def hash_path(path: str | Path) -> str:
+    """sha256 of a file's bytes, or of a folder's (relative path, bytes) pairs in sorted order.
+
+    Hidden entries (temp files of atomic writes) are ignored, so a folder hashes the same however it was written.
+    """
+    path = Path(path)
+    h = hashlib.sha256()
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    else:
+        raise FileNotFoundError(f"cannot hash {path}: no such file or folder")
+    for f in files:
+        if path.is_dir():
+            h.update(f.relative_to(path).as_posix().encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def config_hash(cfg) -> str:
+    blob = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def git_sha() -> str | None:
+    """The commit of the ember source tree, when it is a git checkout (None for an installed wheel)."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------------------- stage runs
+
+@dataclasses.dataclass
+class StageRun:
+    stage: str
+    dir: Path
+    meta: dict
+    cached: bool = False
+
+    @property
+    def metrics(self) -> dict:
+        return self.meta.get("metrics", {})
+
+    def finish(self, metrics: dict | None = None) -> dict:
+        """Mark the stage finished: config.json, then meta.json (status finished) written last."""
+        self.meta.update(status="finished", ended=_now(), metrics=metrics or {})
+        self.meta["seconds"] = round((dt.datetime.fromisoformat(self.meta["ended"])
+                                      - dt.datetime.fromisoformat(self.meta["started"])).total_seconds(), 3)
+        write_json(self.dir / "config.json", self.meta["config"])
+        write_json(self.dir / "meta.json", self.meta)
+        return self.metrics
+
+    def fail(self, error: str) -> None:
+        self.meta.update(status="failed", ended=_now(), error=error)
+        write_json(self.dir / "meta.json", self.meta)
+
+
+def stage_dir(cfg, stage: str) -> Path:
+    return Path(cfg.run) / stage
+
+
+def read_meta(folder: str | Path) -> dict | None:
+    p = Path(folder) / "meta.json"
+    try:
+        return read_json(p)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def is_finished(folder: str | Path) -> bool:
+    meta = read_meta(folder)
+    return bool(meta) and meta.get("status") == "finished"
+
+
+def begin(stage: str, cfg, inputs: dict[str, str | Path] | None = None, out_dir: str | Path | None = None) -> StageRun:
+    """Open `<cfg.run>/<stage>/` for writing, or report it cached.
+
+    Cached = a finished meta.json with the same config hash and the same input content hashes (and no
+    --force). An unfinished folder with the same config and inputs is kept, so a stage can resume from its
+    own checkpoints; any other existing folder is stale and is cleared.
+    """
+    folder = Path(out_dir) if out_dir is not None else stage_dir(cfg, stage)
+    inputs_meta = {}
+    for name, p in (inputs or {}).items():
+        p = Path(p)
+        if not p.exists():
+            raise UserError(f"{stage}: input '{name}' not found at {p}. Run the stage that makes it first "
+                            f"(or `ember pipeline`), or point the config at an existing path.")
+        inputs_meta[name] = {"path": str(p), "sha256": hash_path(p), "finished_stage": is_finished(p)}
+    chash = config_hash(cfg)
+    old = read_meta(folder)
+    same = bool(old) and old.get("config_hash") == chash and _input_hashes(old) == _input_hashes({"inputs": inputs_meta})
+    if same and old.get("status") == "finished" and not FORCE.get():
+        print0(f"[{stage}] cached: the finished run in {folder} matches this config and inputs (--force reruns)")
+        return StageRun(stage, folder, old, cached=True)
+    if folder.exists() and (FORCE.get() or not same):
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "stage": stage,
+        "status": "running",
+        "config": dataclasses.asdict(cfg),
+        "config_hash": chash,
+        "inputs": inputs_meta,
+        "ember_version": ember.__version__,
+        "git_sha": git_sha(),
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "started": _now(),
+        "resumed_from": old.get("started") if same and old else None,
+    }
+    write_json(folder / "meta.json", meta)
+    return StageRun(stage, folder, meta)
+
+
+def _input_hashes(meta: dict) -> dict:
+    return {k: v["sha256"] for k, v in meta.get("inputs", {}).items()}
+
+
+def lineage(folder: str | Path) -> list[dict]:
+    """Metas of a stage and, recursively, of every stage folder it consumed (inputs first)."""
+    seen, out = set(), []
+
+    def visit(f: Path):
+        f = f.resolve()
+        if f in seen:
+            return
+        seen.add(f)
+        meta = read_meta(f)
+        if meta is None or "stage" not in meta:  # not a stage folder (e.g. a token-shard meta.json)
+            return
+        for inp in meta.get("inputs", {}).values():
+            p = Path(inp["path"])
+            for cand in (p, p.parent):  # an input may be a stage folder or a file inside one
+                if "stage" in (read_meta(cand) or {}):
+                    visit(cand)
+                    break
+        out.append({"dir": str(f), **meta})
+
+    visit(Path(folder))
+    return out

@@ -1,0 +1,1 @@
+"""Data: corpus sources, curation steps, token shards and the resumable loader."""

@@ -1,0 +1,1 @@
+"""The model: one GPT file plus LoRA, quantization and HF/GGUF interop."""

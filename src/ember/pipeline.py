@@ -1,0 +1,115 @@
+"""Run the stages in order, like `make`: a stage whose finished run matches its config and inputs is skipped.
+
+    ember pipeline                                   # the quickstart recipe on the stdlib corpus
+    ember pipeline --preset=smoke                    # the same stages, tiny, for CI (< 2 minutes)
+    ember pipeline --from=pretrain --to=sample --force
+
+A recipe is a function `run_folder -> [(stage name, stage Config), ...]`; each stage's module supplies
+`main(cfg)`, which records its own inputs and caching through `common/artifacts.py`. Every stage of one
+pipeline writes into the same run folder, so later stages find earlier outputs by convention.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+from ember.common.config import require
+from ember.common.errors import UserError
+from ember.common.log import print0
+
+Step = tuple[str, object]  # (stage name, that stage's Config instance)
+
+
+def _have(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def quickstart(run: str, smoke: bool = False) -> list[Step]:
+    """stdlib corpus -> tokenizer -> tokenize -> pretrain -> sample; only the stages built so far."""
+    steps: list[Step] = []
+    if _have("ember.data.corpus"):
+        from ember.data import corpus
+        steps.append(("corpus", corpus.PRESETS["smoke" if smoke else "quickstart"]()))
+    if _have("ember.tokenizer.train"):
+        from ember.tokenizer import train as tok
+        steps.append(("tokenizer", tok.PRESETS["smoke" if smoke else "quickstart"]()))
+    if _have("ember.data.tokenize"):
+        from ember.data import tokenize
+        steps.append(("tokenize", tokenize.PRESETS["smoke" if smoke else "quickstart"]()))
+    if _have("ember.pretrain.train"):
+        from ember.pretrain import train
+        steps.append(("pretrain", train.PRESETS["smoke" if smoke else "quickstart"]()))
+    if _have("ember.pretrain.sample"):
+        from ember.pretrain import sample
+        steps.append(("sample", sample.PRESETS["smoke" if smoke else "quickstart"]()))
+    for _, cfg in steps:
+        cfg.run = run
+    return steps
+
+
+RECIPES: dict[str, Callable[[str], list[Step]]] = {
+    "quickstart": quickstart,
+    "smoke": lambda run: quickstart(run, smoke=True),
+}
+
+
+@dataclass
+class Config:
+    recipe: str = "quickstart"  # which stage list to run: quickstart (≤15 min on 2 CPU cores) or smoke (<2 min)
+    run: str = "runs/quickstart"  # run folder; stage s writes <run>/<s>/
+    from_stage: str = ""  # first stage to run (--from); empty = the first
+    to_stage: str = ""  # last stage to run (--to); empty = the last
+
+    ALIASES: ClassVar[dict] = {"from": "from_stage", "to": "to_stage"}
+
+    def __post_init__(self):
+        require(self.recipe in RECIPES, "recipe", self.recipe, f"one of {', '.join(RECIPES)}")
+
+
+PRESETS = {
+    "quickstart": lambda: Config(recipe="quickstart", run="runs/quickstart"),
+    "smoke": lambda: Config(recipe="smoke", run="runs/smoke"),
+}
+
+
+def select(steps: list[Step], start: str, stop: str) -> list[Step]:
+    """The contiguous range start..stop (inclusive) of the steps, by stage name."""
+    names = [n for n, _ in steps]
+    for flag, value in (("--from", start), ("--to", stop)):
+        if value and value not in names:
+            raise UserError(f"{flag}={value}: not a stage of this recipe; its stages are {', '.join(names)}")
+    i = names.index(start) if start else 0
+    j = names.index(stop) if stop else len(names) - 1
+    if i > j:
+        raise UserError(f"--from={start} comes after --to={stop}; the order is {', '.join(names)}")
+    return steps[i:j + 1]
+
+
+def run_steps(steps: list[Step]) -> dict[str, dict]:
+    """Call each stage's main(cfg) in order; returns stage name -> metrics."""
+    results = {}
+    for name, cfg in steps:
+        module = sys.modules.get(type(cfg).__module__) or importlib.import_module(type(cfg).__module__)
+        t0 = time.time()
+        print0(f"[pipeline] {name} ...")
+        results[name] = module.main(cfg)
+        print0(f"[pipeline] {name} done in {time.time() - t0:.1f}s")
+    return results
+
+
+def main(cfg: Config) -> dict:
+    steps = RECIPES[cfg.recipe](cfg.run)
+    if not steps:
+        raise UserError(f"recipe '{cfg.recipe}' has no stages in this build")
+    return run_steps(select(steps, cfg.from_stage, cfg.to_stage))
+
+
+if __name__ == "__main__":
+    from ember.cli import module_main
+
+    module_main(__name__)

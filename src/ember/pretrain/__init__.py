@@ -1,0 +1,1 @@
+"""Pretraining and mid-training: one recipe, different data mixtures."""

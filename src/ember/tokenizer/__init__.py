@@ -1,0 +1,1 @@
+"""Tokenizer: byte-level BPE training, special tokens and the chat template."""
