@@ -4,16 +4,14 @@
     ember pipeline --preset=smoke                    # the same stages, tiny, for CI (< 2 minutes)
     ember pipeline --from=pretrain --to=sample --force
 
-A recipe is a function `run_folder -> [(stage name, stage Config), ...]`; each stage's module supplies
-`main(cfg)`, which records its own inputs and caching through `common/artifacts.py`. Every stage of one
+A recipe is a function `run_folder -> [(stage name, stage main, stage Config), ...]`; each stage's
+`main(cfg)` records its own inputs and caching through `common/artifacts.py`. Every stage of one
 pipeline writes into the same run folder, so later stages find earlier outputs by convention.
 """
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
-import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, ClassVar
@@ -22,7 +20,7 @@ from ember.common.config import require
 from ember.common.errors import UserError
 from ember.common.log import print0
 
-Step = tuple[str, object]  # (stage name, that stage's Config instance)
+Step = tuple[str, Callable[[object], dict], object]  # (stage name, its main, its Config instance)
 
 
 def _have(module: str) -> bool:
@@ -34,20 +32,20 @@ def quickstart(run: str, smoke: bool = False) -> list[Step]:
     steps: list[Step] = []
     if _have("ember.data.corpus"):
         from ember.data import corpus
-        steps.append(("corpus", corpus.PRESETS["smoke" if smoke else "quickstart"]()))
+        steps.append(("corpus", corpus.main, corpus.PRESETS["smoke" if smoke else "quickstart"]()))
     if _have("ember.tokenizer.train"):
         from ember.tokenizer import train as tok
-        steps.append(("tokenizer", tok.PRESETS["smoke" if smoke else "quickstart"]()))
+        steps.append(("tokenizer", tok.main, tok.PRESETS["smoke" if smoke else "quickstart"]()))
     if _have("ember.data.tokenize"):
         from ember.data import tokenize
-        steps.append(("tokenize", tokenize.PRESETS["smoke" if smoke else "quickstart"]()))
+        steps.append(("tokenize", tokenize.main, tokenize.PRESETS["smoke" if smoke else "quickstart"]()))
     if _have("ember.pretrain.train"):
         from ember.pretrain import train
-        steps.append(("pretrain", train.PRESETS["smoke" if smoke else "quickstart"]()))
+        steps.append(("pretrain", train.main, train.PRESETS["smoke" if smoke else "quickstart"]()))
     if _have("ember.pretrain.sample"):
         from ember.pretrain import sample
-        steps.append(("sample", sample.PRESETS["smoke" if smoke else "quickstart"]()))
-    for _, cfg in steps:
+        steps.append(("sample", sample.main, sample.PRESETS["smoke" if smoke else "quickstart"]()))
+    for _, _, cfg in steps:
         cfg.run = run
     return steps
 
@@ -79,7 +77,7 @@ PRESETS = {
 
 def select(steps: list[Step], start: str, stop: str) -> list[Step]:
     """The contiguous range start..stop (inclusive) of the steps, by stage name."""
-    names = [n for n, _ in steps]
+    names = [n for n, _, _ in steps]
     for flag, value in (("--from", start), ("--to", stop)):
         if value and value not in names:
             raise UserError(f"{flag}={value}: not a stage of this recipe; its stages are {', '.join(names)}")
@@ -93,11 +91,10 @@ def select(steps: list[Step], start: str, stop: str) -> list[Step]:
 def run_steps(steps: list[Step]) -> dict[str, dict]:
     """Call each stage's main(cfg) in order; returns stage name -> metrics."""
     results = {}
-    for name, cfg in steps:
-        module = sys.modules.get(type(cfg).__module__) or importlib.import_module(type(cfg).__module__)
+    for name, stage_main, cfg in steps:
         t0 = time.time()
         print0(f"[pipeline] {name} ...")
-        results[name] = module.main(cfg)
+        results[name] = stage_main(cfg)
         print0(f"[pipeline] {name} done in {time.time() - t0:.1f}s")
     return results
 

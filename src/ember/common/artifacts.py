@@ -91,26 +91,24 @@ def read_json(path: str | Path) -> Any:
 # ---------------------------------------------------------------------------- hashing
 
 def hash_path(path: str | Path) -> str:
-    """sha256 of a file's bytes, or of a folder's (relative path, bytes) pairs in sorted order.
+    """sha256 of a file's bytes (same as `sha256sum`), or of a folder's (relative path, file hash) pairs.
 
     Hidden entries (temp files of atomic writes) are ignored, so a folder hashes the same however it was written.
     """
     path = Path(path)
-    h = hashlib.sha256()
     if path.is_file():
-        files = [path]
-    elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file()
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
-    else:
-        raise FileNotFoundError(f"cannot hash {path}: no such file or folder")
-    for f in files:
-        if path.is_dir():
-            h.update(f.relative_to(path).as_posix().encode() + b"\0")
-        with open(f, "rb") as fh:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
-        h.update(b"\0")
+        return h.hexdigest()
+    if not path.is_dir():
+        raise FileNotFoundError(f"cannot hash {path}: no such file or folder")
+    h = hashlib.sha256()
+    for f in sorted(path.rglob("*")):
+        rel = f.relative_to(path)
+        if f.is_file() and not any(part.startswith(".") for part in rel.parts):
+            h.update(f"{rel.as_posix()}\0{hash_path(f)}\n".encode())
     return h.hexdigest()
 
 

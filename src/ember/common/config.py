@@ -183,8 +183,8 @@ def flat_names(cls, prefix: str = "") -> list[str]:
     return names
 
 
-def _unknown(key: str, cls, where: str) -> UserError:
-    valid = flat_names(cls)
+def _unknown(key: str, cls, where: str, prefix: str = "") -> UserError:
+    valid = flat_names(cls, prefix)
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     hint = f" Did you mean '{close[0]}'?" if close else ""
     return UserError(f"unknown config key '{key}' in {where}.{hint} Valid keys are listed by --help.")
@@ -199,7 +199,7 @@ def from_dict(cls, data: dict, where: str = "config", prefix: str = ""):
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            raise _unknown(prefix + key, cls, where)
+            raise _unknown(prefix + key, cls, where, prefix)
         tp = hints[key]
         if _is_dataclass_type(tp):
             kwargs[key] = from_dict(tp, value, where, prefix + key + ".")
