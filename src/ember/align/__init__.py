@@ -1,0 +1,1 @@
+"""Preference alignment: reward model, DPO, PPO, GRPO and constitutional AI (see docs/stages/align.md)."""
