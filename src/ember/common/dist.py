@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import multiprocessing as mp
 import os
+import pickle
 import socket
 import time
 import traceback
@@ -266,8 +267,8 @@ def _child(fn, rank_, world, port, queue, args, kwargs):
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", rank=rank_, world_size=world)
-        result = fn(*args, **kwargs)
-        queue.put((rank_, True, result))
+        # plain pickle bytes: torch's queue pickler would share tensor memory with a process about to exit
+        queue.put((rank_, True, pickle.dumps(fn(*args, **kwargs))))
     except BaseException:  # noqa: BLE001 - reported to the parent, which raises
         queue.put((rank_, False, traceback.format_exc()))
     finally:
@@ -279,7 +280,7 @@ def run_distributed(fn: Callable, world_size: int = 2, *args, timeout: float = 3
     """Run fn(*args, **kwargs) in `world_size` forked processes joined over gloo; returns their results by rank.
 
     For tests on CPU: fn sees a normal torchrun-like environment (RANK, WORLD_SIZE, an initialized default
-    group). Results must be picklable (prefer floats/lists/dicts). A failure in any rank raises here with
+    group). Results must be picklable (tensors too). A failure in any rank raises here with
     that rank's traceback.
     """
     ctx = mp.get_context("fork")  # fork: fn may be a local function of a test module
@@ -295,7 +296,7 @@ def run_distributed(fn: Callable, world_size: int = 2, *args, timeout: float = 3
         if not queue.empty():
             r, ok, value = queue.get()
             if ok:
-                results[r] = value
+                results[r] = pickle.loads(value)
             else:
                 errors.append(f"rank {r}:\n{value}")
         elif any(p.exitcode not in (None, 0) for p in procs):
