@@ -1,0 +1,59 @@
+"""Fixtures for the serving tests: the real stories260K model (skipped when absent) and a tiny random GPT
+with a character tokenizer (always available). Torch runs single-threaded here: tiny decode steps are
+latency-bound, and on a busy 2-core machine intra-op threads make them 100x slower, not faster."""
+
+import pytest
+import torch
+
+from ember.model.gpt import GPTConfig, build_model
+from ember.model.llama2c import Llama2cTokenizer, load_llama2c, stories260k_paths
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class CharTokenizer:
+    """ids 0 (BOS) and 1 (EOS), then one id per character of ALPHABET."""
+
+    ALPHABET = "abcdefghijklmnopqrstuvwxyz .,!?\n"
+    bos_id, eos_id = 0, 1
+    vocab_size = 2 + len(ALPHABET)
+    stop_ids = (1,)
+
+    def encode(self, text: str, bos: bool = False) -> list[int]:
+        return ([0] if bos else []) + [2 + self.ALPHABET.index(c) for c in text.lower() if c in self.ALPHABET]
+
+    def decode(self, ids) -> str:
+        return "".join(self.ALPHABET[i - 2] for i in ids if i >= 2)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """(model, tokenizer): a random 2-layer GQA model, deterministic weights."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=CharTokenizer.vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+                    max_seq_len=128)
+    model = build_model(cfg, "cpu").eval()
+    with torch.no_grad():  # larger logits than init's N(0, 0.02) so sampling is far from uniform
+        model.lm_head.weight.mul_(50)
+    return model, CharTokenizer()
+
+
+@pytest.fixture(scope="session")
+def stories():
+    """(model, tokenizer) of the real pretrained stories260K (llama2.c), or skip."""
+    paths = stories260k_paths()
+    if paths is None:
+        pytest.skip("../shared/datasets/models/stories260K is absent (see INVENTORY.md)")
+    model = load_llama2c(paths[0])
+    return model, Llama2cTokenizer.load(paths[1], model.config.vocab_size)
+
+
+@pytest.fixture(params=["tiny", "stories"])
+def any_model(request):
+    return request.getfixturevalue(request.param)
