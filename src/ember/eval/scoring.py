@@ -1,0 +1,202 @@
+"""Batched log-likelihood scoring and generation against a tiny model interface.
+
+A model is any callable `fn(idx) -> (B, T, V)` scores for int64 token ids idx (B, T): log-probs or raw
+logits (both are normalized here with a logsumexp, so either works). Tests use a fixed-logit model whose
+log-likelihoods are known by hand; the real path wraps ember's GPT (`load_lm`). `EvalLM` bundles the
+callable with a tokenizer and does what every task needs: score (context, continuation) pairs, score a
+long text in windows, and generate until a stop string.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ember.common.errors import UserError
+
+LogProbFn = Callable[[torch.Tensor], torch.Tensor]  # idx (B, T) int64 -> (B, T, V) log-probs or logits
+
+
+@dataclass
+class EvalLM:
+    fn: LogProbFn
+    tokenizer: Any  # .encode(str) -> list[int], .decode(ids) -> str, .bos_id / .eos_id (int or None)
+    max_len: int = 512  # longest token sequence fn accepts (the model's max_seq_len)
+    batch_size: int = 16  # rows per forward pass when scoring
+    device: str = "cpu"
+    add_bos: bool = True  # start every scored sequence with BOS, as ember's pretraining documents do
+    model: Any = None  # the GPT behind fn, if any: generation then uses its KV cache
+    stop_ids: tuple[int, ...] = ()  # token ids that end a generation (EOS, <|end|>)
+
+    @property
+    def prefix(self) -> list[int]:
+        """What an empty context starts from: BOS, else EOS (lm-evaluation-harness uses EOT the same way)."""
+        for name in (("bos_id", "eos_id") if self.add_bos else ("eos_id",)):
+            tid = getattr(self.tokenizer, name, None)
+            if tid is not None:
+                return [tid]
+        return []
+
+    # ------------------------------------------------------------------------ text -> token requests
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """Token ids of (context, continuation), split the way lm-evaluation-harness does.
+
+        Trailing spaces of the context move to the continuation, then the continuation's ids are those that
+        follow the context's ids in the encoding of the concatenation (BPE merges across the boundary)."""
+        n_space = len(context) - len(context.rstrip(" "))
+        if n_space:
+            context, continuation = context[:-n_space], context[-n_space:] + continuation
+        whole = self.tokenizer.encode(context + continuation)
+        ctx = self.tokenizer.encode(context) if context else []
+        if whole[:len(ctx)] != ctx:  # the merge crossed the boundary: fall back to separate encodings
+            whole = ctx + self.tokenizer.encode(continuation)
+        prefix = self.prefix if (self.add_bos or not ctx) else []
+        return prefix + ctx, whole[len(ctx):]
+
+    def loglikelihood_text(self, pairs: list[tuple[str, str]]) -> list[tuple[float, bool]]:
+        return loglikelihood(self, [self.encode_pair(c, x) for c, x in pairs])
+
+    def rolling_text(self, text: str, stride: int = 0) -> list[tuple[float, int]]:
+        """(sum log p, tokens) per window over the whole text, each token predicted once."""
+        return rolling_loglikelihood(self, self.prefix + self.tokenizer.encode(text), stride)
+
+
+@torch.inference_mode()
+def loglikelihood(lm: EvalLM, requests: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+    """For each (context ids, continuation ids): (sum of log p(continuation | context), whether every
+    continuation token is the argmax). Sequences longer than lm.max_len + 1 lose context from the left.
+
+    Batched longest-first (similar lengths share a batch, so little padding) and returned in input order."""
+    out: list[tuple[float, bool] | None] = [None] * len(requests)
+    rows = []
+    for i, (ctx, cont) in enumerate(requests):
+        if not cont:
+            raise UserError(f"loglikelihood request {i} has an empty continuation; nothing to score")
+        if len(cont) > lm.max_len:
+            raise UserError(f"loglikelihood request {i}: continuation of {len(cont)} tokens exceeds the "
+                            f"model's max_len {lm.max_len}; shorten it or score it with rolling windows")
+        seq = (ctx + cont)[-(lm.max_len + 1):]
+        rows.append((len(seq), i, seq, len(cont)))
+    rows.sort(key=lambda r: -r[0])
+    for b in range(0, len(rows), lm.batch_size):
+        batch = rows[b:b + lm.batch_size]
+        T = batch[0][0] - 1  # inputs are seq[:-1]
+        idx = torch.zeros(len(batch), T, dtype=torch.long)
+        tgt = torch.zeros(len(batch), T, dtype=torch.long)
+        for r, (n, _, seq, _) in enumerate(batch):
+            idx[r, :n - 1] = torch.tensor(seq[:-1])
+            tgt[r, :n - 1] = torch.tensor(seq[1:])
+        scores = lm.fn(idx.to(lm.device)).float()  # (B, T, V)
+        tgt = tgt.to(scores.device)
+        logp = scores.gather(-1, tgt[..., None]).squeeze(-1) - torch.logsumexp(scores, dim=-1)  # (B, T)
+        greedy = scores.argmax(dim=-1) == tgt  # (B, T)
+        for r, (n, i, _, n_cont) in enumerate(batch):
+            sl = slice(n - 1 - n_cont, n - 1)  # positions whose targets are the continuation
+            out[i] = (float(logp[r, sl].sum()), bool(greedy[r, sl].all()))
+    return out  # type: ignore[return-value]
+
+
+def rolling_windows(n: int, max_len: int, stride: int = 0) -> list[tuple[int, int, int]]:
+    """Windows (s, a, b) over a sequence of n tokens: input ids[s:b-1] predicts ids[a:b], and only those
+    b - a tokens are counted. Every token but the first is predicted exactly once, with up to max_len
+    tokens of context; stride (<= max_len, 0 = max_len) is how many new tokens each window scores."""
+    stride = min(stride or max_len, max_len)
+    return [(max(0, min(a + stride, n) - 1 - max_len), a, min(a + stride, n)) for a in range(1, n, stride)]
+
+
+def rolling_loglikelihood(lm: EvalLM, ids: list[int], stride: int = 0) -> list[tuple[float, int]]:
+    """(sum log p, tokens) per window of ids; see rolling_windows."""
+    wins = rolling_windows(len(ids), lm.max_len, stride)
+    scored = loglikelihood(lm, [(ids[s:a], ids[a:b]) for s, a, b in wins])
+    return [(lp, b - a) for (lp, _), (_, a, b) in zip(scored, wins)]
+
+
+@torch.inference_mode()
+def generate(lm: EvalLM, prompt: str, max_new_tokens: int = 128, stop: tuple[str, ...] = (), n: int = 1,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[str]:
+    """n completions of prompt (greedy when temperature is 0), each cut before the first stop string.
+
+    The n samples decode as one batch; with a GPT behind lm, incrementally through its KV cache, otherwise
+    by re-running fn on the whole prefix each step (fine for the small fixed models of tests)."""
+    room = lm.max_len - max_new_tokens  # prompt tokens that fit beside the generation
+    if room < 1:
+        raise UserError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in max_len={lm.max_len}")
+    ids = (lm.prefix + lm.tokenizer.encode(prompt))[-room:]
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.tensor([ids] * n, dtype=torch.long, device=lm.device)  # (n, T)
+    cache = lm.model.new_cache(n, len(ids) + max_new_tokens) if hasattr(lm.model, "new_cache") else None
+    out: list[list[int]] = [[] for _ in range(n)]
+    done = [False] * n
+    step_in = x
+    for _ in range(max_new_tokens):
+        if cache is not None:
+            logits = lm.model(step_in, cache=cache)[:, -1].float()  # (n, V)
+        else:
+            logits = lm.fn(x)[:, -1].float()
+        nxt = _sample(logits, temperature, top_p, gen).to(x.device)  # (n,)
+        x = torch.cat([x, nxt[:, None]], dim=1)
+        step_in = nxt[:, None]
+        for r in range(n):
+            if done[r]:
+                continue
+            t = int(nxt[r])
+            if t in lm.stop_ids:
+                done[r] = True
+                continue
+            out[r].append(t)
+            if stop and any(s in lm.tokenizer.decode(out[r][-64:]) for s in stop):
+                done[r] = True
+        if all(done):
+            break
+    return [cut_at_stop(lm.tokenizer.decode(o), stop) for o in out]
+
+
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
+    cut = min((text.find(s) for s in stop if s and s in text), default=len(text))
+    return text[:cut]
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> torch.Tensor:
+    """Next token ids (n,) from logits (n, V): argmax at temperature 0, else nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.cpu() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_p.cumsum(dim=-1) - sorted_p < top_p  # always keeps the most likely token
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------- the real model
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_lm(checkpoint: str | Path, tokenizer: str | Path, device: str = "cpu", batch_size: int = 16,
+            max_len: int = 0, add_bos: bool = True, dtype: str = "float32") -> EvalLM:
+    """An EvalLM over an ember checkpoint folder (model.safetensors) and its tokenizer.json."""
+    from ember.common.checkpoint import load_model
+    from ember.tokenizer.special import load_tokenizer
+
+    model = load_model(checkpoint, device)
+    model.eval()
+    if dtype != "float32":
+        model.to(getattr(torch, dtype))
+    tok = load_tokenizer(tokenizer)
+    if tok.vocab_size > model.config.vocab_size:
+        raise UserError(f"tokenizer {tokenizer} has {tok.vocab_size} tokens but the model at {checkpoint} only "
+                        f"{model.config.vocab_size}: they come from different runs; pass the matching --tokenizer")
+    return gpt_lm(model, tok, device=device, batch_size=batch_size, max_len=max_len, add_bos=add_bos)
+
+
+def gpt_lm(model, tok, device: str = "cpu", batch_size: int = 16, max_len: int = 0, add_bos: bool = True) -> EvalLM:
+    """An EvalLM over an in-memory GPT (logits; scoring normalizes them)."""
+    stop = tuple(t for t in (getattr(tok, "eos_id", None), getattr(tok, "end_id", None)) if t is not None)
+    return EvalLM(fn=lambda idx: model(idx), tokenizer=tok, max_len=max_len or model.config.max_seq_len,
+                  batch_size=batch_size, device=device, add_bos=add_bos, model=model, stop_ids=stop)

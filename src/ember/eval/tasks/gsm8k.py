@@ -1,0 +1,78 @@
+"""GSM8K (Cobbe et al. 2021): grade-school math word problems, scored by exact match of the final number.
+
+Reads openai/grade-school-math JSONL (`question`, `answer` ending in "#### <number>"). Prompt
+"Question: {q}\\nAnswer:", few-shot examples (from train) with their full worked answers, generation stops
+at a blank line or the next "Question:". Two extractions, as lm-evaluation-harness: `exact_match_strict`
+reads the number after "####", `exact_match_flex` takes the last number in the output.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+
+from ember.eval.scoring import EvalLM, generate
+from ember.eval.tasks.common import Options, Scored, Task, draw_fewshot, need, read_jsonl
+
+STOP = ("Question:", "\n\n", "<|end|>", "<|eos|>")
+_STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
+_NUMBER = re.compile(r"-?[$0-9.,]*[0-9]+")
+
+
+def normalize(num: str | None) -> str | None:
+    """'$1,234.' -> '1234'; '3.50' -> '3.5' (numbers compare by value, not spelling)."""
+    if num is None:
+        return None
+    s = num.replace(",", "").replace("$", "").rstrip(".")
+    try:
+        v = float(s)
+    except ValueError:
+        return s
+    return str(int(v)) if v.is_integer() else repr(v)
+
+
+def extract_strict(text: str) -> str | None:
+    m = _STRICT.search(text)
+    return normalize(m.group(1)) if m else None
+
+
+def extract_flex(text: str) -> str | None:
+    nums = _NUMBER.findall(text)
+    return normalize(nums[-1]) if nums else None
+
+
+def load(path: Path) -> list[dict]:
+    items = []
+    for i, row in enumerate(read_jsonl(path)):
+        need(row, ("question", "answer"), f"{path}:{i + 1}")
+        items.append({"id": str(i), "question": row["question"], "answer": row["answer"],
+                      "target": extract_strict(row["answer"])})
+    return items
+
+
+def prompt(item: dict, shots: list[dict]) -> str:
+    demos = "".join(f"Question: {s['question']}\nAnswer: {s['answer']}\n\n" for s in shots)
+    return demos + f"Question: {item['question']}\nAnswer:"
+
+
+def run(lm: EvalLM, items: list[dict], pool: list[dict], shots: int, opts: Options) -> Scored:
+    rng = random.Random(opts.seed)
+    strict, flex, per_item, samples = [], [], [], []
+    for it in items:
+        p = prompt(it, draw_fewshot(pool, shots, rng, exclude=it["id"]))
+        out = generate(lm, p, opts.max_new_tokens, STOP, temperature=opts.temperature, top_p=opts.top_p,
+                       seed=opts.seed)[0]
+        strict.append(float(extract_strict(out) == it["target"]))
+        flex.append(float(extract_flex(out) == it["target"]))
+        per_item.append({"id": it["id"], "exact_match_strict": strict[-1], "exact_match_flex": flex[-1]})
+        if len(samples) < 3:
+            samples.append({"id": it["id"], "question": it["question"], "output": out, "target": it["target"]})
+    return Scored({"exact_match_strict": np.array(strict), "exact_match_flex": np.array(flex)},
+                  samples=samples, per_item=per_item)
+
+
+TASK = Task("gsm8k", "gen", "gsm8k/test.jsonl", load, run, lambda it: it["question"] + " " + it["answer"],
+            shots=5, pool_path="gsm8k/train.jsonl", main_metric="exact_match_flex")

@@ -1,0 +1,38 @@
+"""HellaSwag (Zellers et al. 2019): pick the most plausible ending of an activity description.
+
+Reads the original rowanz JSONL (`ctx_a`, `ctx_b`, `activity_label`, `endings`, `label`) and the
+lm-eval-preprocessed variant (`ctx` instead of ctx_a/ctx_b), plain or .gz. The query is
+`preprocess(activity_label + ": " + ctx)` and each ending is a choice, exactly as lm-evaluation-harness.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from ember.eval.tasks import multiple_choice
+from ember.eval.tasks.common import Task, need, read_jsonl
+
+
+def preprocess(text: str) -> str:
+    """lm-evaluation-harness' cleanup of WikiHow artifacts: " [title]" -> ". ", other [tags] dropped."""
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def load(path: Path) -> list[dict]:
+    items = []
+    for i, row in enumerate(read_jsonl(path)):
+        where = f"{path}:{i + 1}"
+        need(row, ("activity_label", "endings", "label"), where)
+        if "ctx" not in row:  # original format: the context is split in two
+            need(row, ("ctx_a", "ctx_b"), where)
+        ctx = row.get("ctx") or row["ctx_a"] + " " + row["ctx_b"].capitalize()
+        items.append({"id": str(row.get("ind", i)), "context": preprocess(row["activity_label"] + ": " + ctx),
+                      "choices": [preprocess(e) for e in row["endings"]], "gold": int(row["label"])})
+    return items
+
+
+TASK = Task("hellaswag", "mc", "hellaswag/hellaswag_val_lmeval_preprocessed.jsonl.gz", load, multiple_choice.run,
+            multiple_choice.full_text, main_metric="acc_norm")

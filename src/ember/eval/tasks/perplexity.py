@@ -1,0 +1,80 @@
+"""Perplexity and bits-per-byte on held-out text.
+
+Items are documents: JSONL(.gz) rows with "text", Parquet document shards (a file or a folder of
+docs_*.parquet), or a .txt(.gz) file cut at blank lines into chunks of ~4,000 characters. Each document
+is scored in windows of the model's context (scoring.rolling_windows), every token predicted once.
+perplexity = exp(sum nll / tokens); bits_per_byte = sum nll / ln 2 / UTF-8 bytes, which is comparable
+across tokenizers. The bootstrap resamples whole documents.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ember.common.errors import UserError
+from ember.eval.scoring import EvalLM, loglikelihood, rolling_windows
+from ember.eval.tasks.common import Options, Scored, Task, open_text, read_jsonl
+
+CHUNK_CHARS = 4000
+
+
+def _chunks(text: str) -> list[str]:
+    out, cur = [], ""
+    for para in text.split("\n\n"):
+        if cur and len(cur) + len(para) > CHUNK_CHARS:
+            out.append(cur)
+            cur = ""
+        cur = f"{cur}\n\n{para}" if cur else para
+    if cur.strip():
+        out.append(cur)
+    return out
+
+
+def load(path: Path) -> list[dict]:
+    path = Path(path)
+    name = path.name.removesuffix(".gz")
+    if path.is_dir() or name.endswith(".parquet"):
+        from ember.data.documents import read_shards
+        texts = [d["text"] for d in read_shards(path)]
+    elif name.endswith(".jsonl"):
+        texts = []
+        for i, row in enumerate(read_jsonl(path)):
+            if not isinstance(row.get("text"), str):
+                raise UserError(f"{path}:{i + 1}: a perplexity JSONL row needs a string field 'text'")
+            texts.append(row["text"])
+    elif path.is_file():
+        with open_text(path) as f:
+            texts = _chunks(f.read())
+    else:
+        raise UserError(f"held-out text {path} not found; pass ppl:PATH (.txt, .jsonl, .parquet or a docs folder)")
+    return [{"id": str(i), "text": t} for i, t in enumerate(texts) if t.strip()]
+
+
+def _stat(cols):
+    nll, tok, byt = cols["nll"].sum(), cols["tokens"].sum(), cols["bytes"].sum()
+    return {"perplexity": math.exp(nll / max(tok, 1)), "bits_per_byte": nll / math.log(2) / max(byt, 1),
+            "nll_per_token": nll / max(tok, 1)}
+
+
+def run(lm: EvalLM, items: list[dict], pool: list[dict], shots: int, opts: Options) -> Scored:
+    reqs, owner = [], []
+    for j, it in enumerate(items):
+        ids = lm.prefix + lm.tokenizer.encode(it["text"])
+        for s, a, b in rolling_windows(len(ids), lm.max_len, opts.stride):
+            reqs.append((ids[s:a], ids[a:b]))
+            owner.append(j)
+    nll = np.zeros(len(items))
+    tokens = np.zeros(len(items))
+    for (lp, _), j, (_, cont) in zip(loglikelihood(lm, reqs), owner, reqs):
+        nll[j] -= lp
+        tokens[j] += len(cont)
+    nbytes = np.array([len(it["text"].encode("utf-8")) for it in items], dtype=float)
+    per_item = [{"id": it["id"], "nll": float(n), "tokens": int(t)} for it, n, t in zip(items, nll, tokens)]
+    return Scored({"nll": nll, "tokens": tokens, "bytes": nbytes}, _stat, per_item=per_item)
+
+
+TASK = Task("ppl", "ppl", "tinystories/tinystories_validation_head_moe-routing-bench.txt", load, run,
+            lambda it: it["text"], main_metric="bits_per_byte")

@@ -1,0 +1,132 @@
+"""Sandbox containment: every attack is reported as a failure, nothing escapes, real solutions still pass.
+
+These run as root in CI; each attack uses small bounds (1-2 s, a handful of processes) and is checked with
+the in-Python guard off, so the OS layers alone must contain it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import pytest
+
+from ember.eval import sandbox
+from ember.eval.sandbox import run_code, run_many
+from ember.eval.tasks import humaneval
+
+from .conftest import datasets_or_skip
+
+
+def sandbox_procs() -> list[int]:
+    return [p for p, u in sandbox._proc_uids().items() if u >= sandbox._UID_BASE]
+
+
+def leftovers() -> list[int]:
+    """Live processes still running in a sandbox work dir (their cwd names it, even once deleted)."""
+    out = []
+    for pid in sandbox._proc_uids():
+        try:
+            if "ember-sandbox-" in os.readlink(f"/proc/{pid}/cwd"):
+                out.append(pid)
+        except OSError:
+            pass
+    return out
+
+
+def test_passing_and_failing_programs():
+    ok = run_code("import math\nprint(math.gcd(12, 18))")
+    assert ok.passed and ok.stdout == "6\n" and ok.returncode == 0
+    bad = run_code("assert 1 + 1 == 3")
+    assert bad.status == "failed" and "AssertionError" in bad.stderr
+    syntax = run_code("def f(:\n  pass")
+    assert syntax.status == "failed" and "SyntaxError" in syntax.stderr
+
+
+def test_exit_before_the_end_is_not_a_pass():
+    assert run_code("import sys\nsys.exit(0)\nassert False").status == "failed"
+    assert run_code("raise SystemExit(0)").status == "failed"
+
+
+def test_isolation_layers_present_as_root():
+    if os.geteuid() != 0:
+        pytest.skip("uid drop and network namespace are root-only layers")
+    iso = run_code("pass").isolation
+    assert {"uid", "RLIMIT_NPROC", "RLIMIT_AS", "RLIMIT_CPU", "RLIMIT_FSIZE", "guard"} <= set(iso), iso
+
+
+def test_infinite_loop_times_out_quickly():
+    t0 = time.monotonic()
+    r = run_code("while True:\n    pass", timeout=1.0)
+    assert r.status == "timeout" and not r.passed
+    assert time.monotonic() - t0 < 5
+
+
+@pytest.mark.parametrize("guard", [False, True])
+def test_fork_bomb_is_contained_and_cleaned_up(guard):
+    bomb = ("import os\nwhile True:\n    try:\n        if os.fork() == 0:\n            os.setsid()\n"
+            "    except OSError:\n        pass\n")
+    t0 = time.monotonic()
+    r = run_code(bomb, timeout=1.5, max_procs=4, guard=guard)
+    assert not r.passed and time.monotonic() - t0 < 10
+    time.sleep(0.05)
+    assert sandbox_procs() == [] and leftovers() == []
+
+
+def test_escaped_daemon_is_killed():
+    daemon = "import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n        time.sleep(60)\n"
+    run_code(daemon, timeout=2, guard=False)
+    time.sleep(0.05)
+    assert sandbox_procs() == [] and leftovers() == []
+
+
+@pytest.mark.parametrize("guard", [False, True])
+def test_memory_hog_fails(guard):
+    r = run_code("x = []\nwhile True:\n    x.append(bytearray(50 << 20))", timeout=5, memory_mb=256, guard=guard)
+    assert not r.passed and (r.status == "killed" or "MemoryError" in r.stderr)
+
+
+@pytest.mark.parametrize("guard", [False, True])
+def test_writing_outside_the_work_dir_fails(tmp_path, guard):
+    os.chmod(tmp_path, 0o777)  # world-writable, so only the sandbox's own layers can stop the write
+    for target in (tmp_path / "escape.txt", "../escape.txt", "/tmp/ember_sandbox_escape.txt"):
+        r = run_code(f"open({str(target)!r}, 'w').write('x')", guard=guard)
+        assert r.status == "failed" and "PermissionError" in r.stderr, (target, r)
+    assert not (tmp_path / "escape.txt").exists() and not os.path.exists("/tmp/ember_sandbox_escape.txt")
+    assert run_code("open('mine.txt', 'w').write('x')\nassert open('mine.txt').read() == 'x'").passed
+
+
+def test_big_file_is_cut_by_the_size_limit():
+    r = run_code("open('big', 'wb').write(b'0' * (64 << 20))", max_file_mb=1, guard=False)
+    assert not r.passed
+
+
+@pytest.mark.parametrize("guard", [False, True])
+def test_socket_to_a_local_listener_fails(guard):
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    srv.settimeout(0.3)
+    port = srv.getsockname()[1]
+    r = run_code(f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=1)\ns.sendall(b'x')",
+                 guard=guard)
+    with pytest.raises(socket.timeout):
+        srv.accept()
+    srv.close()
+    assert r.status == "failed"
+
+
+def test_cannot_signal_the_harness():
+    r = run_code(f"import os, signal\nos.kill({os.getpid()}, signal.SIGKILL)", guard=False)
+    assert r.status == "failed" and "Error" in r.stderr  # and we are still here
+
+
+def test_humaneval_canonical_solutions_pass():
+    items = humaneval.load(datasets_or_skip("humaneval", "HumanEval.jsonl.gz"))
+    assert len(items) == 164
+    res = run_many([humaneval.program(it, it["canonical_solution"]) for it in items], workers=2, timeout=10)
+    failed = [(it["id"], r.status, r.stderr[-200:]) for it, r in zip(items, res) if not r.passed]
+    assert failed == []
+    wrong = run_many([humaneval.program(it, "    return None\n") for it in items[:8]], workers=2)
+    assert not any(r.passed for r in wrong)
