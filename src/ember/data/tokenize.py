@@ -1,0 +1,229 @@
+"""`ember tokenize`: encode documents into flat token shards `<run>/tokenize/tokens/{train,val}_NNNNN.bin`.
+
+    ember tokenize                                   # <run>/curate (if finished) else <run>/corpus, <run>/tokenizer
+    ember tokenize --workers=8 --val_fraction=0.01
+
+A shard is a raw little-endian array of uint16 token ids (uint32 when the vocabulary exceeds 65536), no
+header, as in nanoGPT: `np.memmap(path, dtype, mode="r")` reads it. Each document is followed by <|eos|>;
+text never encodes to <|eos|> (see tokenizer/special.py), so its positions are the document boundaries.
+A document goes to val when the hash of its id falls below val_fraction: deterministic, independent of
+order and of the other documents. `tokens/meta.json` records dtype, tokenizer hash and counts.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import multiprocessing as mp
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ember.common import artifacts
+from ember.common.config import require
+from ember.common.errors import UserError
+from ember.common.log import Progress, print0
+from ember.data.documents import read_shards
+from ember.tokenizer.special import EOS, load_tokenizer, sha256_file
+
+CHUNK_BYTES = 1 << 20  # text per task sent to a worker: large enough to amortize pickling, small for balance
+
+
+@dataclass
+class Config:
+    run: str = "runs/default"  # run folder; this stage writes <run>/tokenize/
+    docs: str = ""  # document shards; empty = <run>/curate if finished, else <run>/corpus
+    tokenizer: str = ""  # tokenizer.json (or its folder); empty = <run>/tokenizer/tokenizer.json
+    val_fraction: float = 0.05  # share of documents (by id hash) in the val split; keep equal to the tokenizer's
+    workers: int = 0  # encoding processes; 0 = all cores, 1 = in this process
+    shard_tokens: int = 1 << 27  # start a new .bin shard after ~this many tokens (134M = 256 MiB of uint16)
+
+    def __post_init__(self):
+        require(0.0 <= self.val_fraction < 1.0, "val_fraction", self.val_fraction, "a fraction in [0, 1)")
+        require(self.workers >= 0, "workers", self.workers, "0 (all cores) or a process count")
+        require(self.shard_tokens > 0, "shard_tokens", self.shard_tokens, "a positive token count")
+
+
+PRESETS = {
+    "quickstart": lambda: Config(),
+    "smoke": lambda: Config(),
+}
+
+
+def is_val(doc_id: str, fraction: float) -> bool:
+    """True for about `fraction` of ids: the first 64 bits of sha256(id) as a number in [0, 1)."""
+    h = int.from_bytes(hashlib.sha256(doc_id.encode("utf-8")).digest()[:8], "big")
+    return h < fraction * 2**64
+
+
+def docs_input(docs: str, run: str) -> Path:
+    """The documents a stage reads: the configured path, else <run>/curate when finished, else <run>/corpus."""
+    if docs:
+        return Path(docs)
+    curate = Path(run) / "curate"
+    return curate if artifacts.is_finished(curate) else Path(run) / "corpus"
+
+
+def token_dtype(vocab_size: int):
+    return np.uint16 if vocab_size <= 1 << 16 else np.uint32
+
+
+# ---------------------------------------------------------------------------- encoding (workers)
+
+_TOK = None  # the tokenizer of a worker process, loaded once by _init
+
+
+def _init(path: str) -> None:
+    global _TOK
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the processes; no oversubscription
+    _TOK = load_tokenizer(path)
+
+
+def _encode(texts: list[str]) -> np.ndarray:
+    """Documents -> one flat array: doc0 <|eos|> doc1 <|eos|> ..."""
+    ids = _TOK.encode_batch(texts)
+    out = np.empty(sum(len(x) for x in ids) + len(ids), dtype=token_dtype(_TOK.vocab_size))
+    o = 0
+    for x in ids:
+        out[o:o + len(x)] = x
+        o += len(x)
+        out[o] = _TOK.eos_id
+        o += 1
+    return out
+
+
+def chunks(docs: Iterator[dict], val_fraction: float) -> Iterator[tuple[str, list[str]]]:
+    """(split, texts) groups of about CHUNK_BYTES, in document order within each split."""
+    buf = {"train": [], "val": []}
+    size = {"train": 0, "val": 0}
+    for d in docs:
+        if not d["text"]:
+            continue
+        split = "val" if is_val(d["id"], val_fraction) else "train"
+        buf[split].append(d["text"])
+        size[split] += len(d["text"])
+        if size[split] >= CHUNK_BYTES:
+            yield split, buf[split]
+            buf[split], size[split] = [], 0
+    for split in ("train", "val"):
+        if buf[split]:
+            yield split, buf[split]
+
+
+def encode_chunks(items: Iterator[tuple[str, list[str]]], tokenizer: str, workers: int):
+    """(split, texts, tokens) in input order; `workers` processes with at most 2 tasks each in flight."""
+    if workers == 1:
+        _init(tokenizer)
+        for split, texts in items:
+            yield split, texts, _encode(texts)
+        return
+    # spawn, not fork: the parent may hold threads (tokenizers' pool, torch) that a fork would copy mid-lock
+    with mp.get_context("spawn").Pool(workers, initializer=_init, initargs=(tokenizer,)) as pool:
+        pending = collections.deque()
+        for split, texts in items:
+            pending.append((split, texts, pool.apply_async(_encode, (texts,))))
+            if len(pending) >= 2 * workers:
+                s, t, r = pending.popleft()
+                yield s, t, r.get()
+        while pending:
+            s, t, r = pending.popleft()
+            yield s, t, r.get()
+
+
+# ---------------------------------------------------------------------------- shards
+
+class ShardWriter:
+    """Appends token arrays to <split>_00000.bin, <split>_00001.bin, ...; a shard ends at a chunk boundary."""
+
+    def __init__(self, folder: Path, split: str, dtype, shard_tokens: int):
+        self.folder, self.split, self.dtype, self.shard_tokens = folder, split, dtype, shard_tokens
+        self.shards: list[dict] = []
+        self.file, self.tmp = None, None
+
+    def add(self, tokens: np.ndarray, n_docs: int, n_bytes: int) -> None:
+        if self.file is None:
+            name = f"{self.split}_{len(self.shards):05d}.bin"
+            self.tmp = self.folder / f".{name}.tmp"  # hidden until complete (artifacts ignore dot files)
+            self.file = open(self.tmp, "wb")
+            self.shards.append({"file": name, "tokens": 0, "documents": 0, "bytes": 0})
+        self.file.write(tokens.astype(self.dtype, copy=False).tobytes())
+        cur = self.shards[-1]
+        cur["tokens"] += len(tokens)
+        cur["documents"] += n_docs
+        cur["bytes"] += n_bytes
+        if cur["tokens"] >= self.shard_tokens:
+            self.close()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            os.replace(self.tmp, self.folder / self.shards[-1]["file"])
+            self.file = None
+
+    def summary(self) -> dict:
+        return {"shards": self.shards, **{k: sum(s[k] for s in self.shards) for k in ("tokens", "documents", "bytes")}}
+
+
+def main(cfg: Config) -> dict:
+    docs_dir = docs_input(cfg.docs, cfg.run)
+    tok_path = Path(cfg.tokenizer or Path(cfg.run) / "tokenizer")
+    tok_path = tok_path / "tokenizer.json" if tok_path.is_dir() else tok_path
+    run = artifacts.begin("tokenize", cfg, inputs={"docs": docs_dir, "tokenizer": tok_path})
+    if run.cached:
+        return run.metrics
+    tok = load_tokenizer(tok_path)
+    dtype = token_dtype(tok.vocab_size)
+    out = run.dir / "tokens"
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.bin"):  # a resumed (unfinished) folder may hold shards of an interrupted run
+        old.unlink()
+    writers = {s: ShardWriter(out, s, dtype, cfg.shard_tokens) for s in ("train", "val")}
+    workers = cfg.workers or os.cpu_count() or 1
+
+    t0 = time.time()
+    with Progress(None, "tokenize", unit="doc") as bar:
+        for split, texts, tokens in encode_chunks(chunks(read_shards(docs_dir), cfg.val_fraction), str(tok_path), workers):
+            writers[split].add(tokens, len(texts), sum(len(t.encode("utf-8")) for t in texts))
+            bar.update(len(texts))
+    for w in writers.values():
+        w.close()
+    seconds = time.time() - t0
+    splits = {s: w.summary() for s, w in writers.items()}
+    if splits["train"]["documents"] == 0:
+        raise UserError(f"tokenize: no training documents in {docs_dir} (all empty, or val_fraction="
+                        f"{cfg.val_fraction} took them all); add documents or lower val_fraction")
+    if cfg.val_fraction > 0 and splits["val"]["documents"] == 0:
+        raise UserError(f"tokenize: no document of {docs_dir} hashed into the val split "
+                        f"({splits['train']['documents']} documents, val_fraction={cfg.val_fraction}); "
+                        f"raise val_fraction or add documents")
+    meta = {
+        "dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "bos_id": tok.bos_id,
+        "tokenizer": str(tok_path), "tokenizer_sha256": sha256_file(tok_path),
+        "doc_boundaries": f"every document ends with eos_id ({EOS}); text never encodes to it",
+        "val_fraction": cfg.val_fraction, "splits": splits,
+    }
+    artifacts.write_json(out / "meta.json", meta)
+    total_bytes = splits["train"]["bytes"] + splits["val"]["bytes"]
+    total_tokens = splits["train"]["tokens"] + splits["val"]["tokens"]
+    metrics = {
+        **{f"{s}_{k}": splits[s][k] for s in splits for k in ("tokens", "documents")},
+        "bytes": total_bytes, "dtype": meta["dtype"], "workers": workers, "seconds": round(seconds, 2),
+        "mb_per_s": round(total_bytes / 1e6 / max(seconds, 1e-9), 2),
+        "bytes_per_token": round(total_bytes / max(total_tokens - sum(splits[s]["documents"] for s in splits), 1), 4),
+    }
+    print0(f"[tokenize] {metrics['train_tokens']:,} train + {metrics['val_tokens']:,} val tokens "
+           f"({metrics['train_documents']} + {metrics['val_documents']} docs, {meta['dtype']}) in {seconds:.1f}s "
+           f"= {metrics['mb_per_s']} MB/s on {workers} worker(s) -> {out}")
+    return run.finish(metrics)
+
+
+if __name__ == "__main__":
+    from ember.cli import module_main
+
+    module_main(__name__)
