@@ -31,6 +31,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "tokenize": ("ember.data.tokenize", "encode documents into flat token shards (train/val)"),
     "pretrain": ("ember.pretrain.train", "pretrain or mid-train the GPT on token shards"),
     "sample": ("ember.pretrain.sample", "generate text from a checkpoint"),
+    "serve": ("ember.serve.server", "OpenAI-compatible HTTP API and chat page for a model (127.0.0.1)"),
     "pipeline": ("ember.pipeline", "run the stages in order, skipping finished ones"),
 }
 
