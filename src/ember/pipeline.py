@@ -28,11 +28,14 @@ def _have(module: str) -> bool:
 
 
 def quickstart(run: str, smoke: bool = False) -> list[Step]:
-    """stdlib corpus -> tokenizer -> tokenize -> pretrain -> sample; only the stages built so far."""
+    """stdlib corpus -> curate -> tokenizer -> tokenize -> pretrain -> sample; only the stages built so far."""
     steps: list[Step] = []
     if _have("ember.data.corpus"):
         from ember.data import corpus
         steps.append(("corpus", corpus.main, corpus.PRESETS["smoke" if smoke else "quickstart"]()))
+    if _have("ember.data.curate"):
+        from ember.data import curate
+        steps.append(("curate", curate.main, curate.PRESETS["smoke" if smoke else "quickstart"]()))
     if _have("ember.tokenizer.train"):
         from ember.tokenizer import train as tok
         steps.append(("tokenizer", tok.main, tok.PRESETS["smoke" if smoke else "quickstart"]()))
