@@ -16,6 +16,7 @@ from typing import Iterator, Literal
 
 from ember.common import artifacts
 from ember.common.config import require
+from ember.common.errors import UserError
 from ember.common.log import print0
 from ember.data.documents import write_shards
 from ember.data.sources import MAX_ERROR_EXAMPLES, iter_documents
@@ -47,15 +48,25 @@ PRESETS = {
 
 def local_inputs(sources: list[str]) -> dict[str, str]:
     """Local paths among the sources, hashed by artifacts.begin so an edited file invalidates the cache."""
-    return {f"source{i}": s for i, s in enumerate(sources) if s != "stdlib" and not s.startswith("hf:")}
+    local = {f"source{i}": s for i, s in enumerate(sources) if s != "stdlib" and not s.startswith("hf:")}
+    for s in local.values():
+        if not Path(s).expanduser().exists():
+            raise UserError(f"source '{s}': no such file or folder. A source is 'stdlib', a path to a .txt/.jsonl/"
+                            f".jsonl.gz/.parquet file or a folder of them, or hf:NAME[[:CONFIG]:SPLIT].")
+    return local
 
 
 def capped(docs: Iterator[dict], max_docs: int, max_bytes: int) -> Iterator[dict]:
-    """Documents until max_docs, or until the total text reaches max_bytes (the document crossing it included)."""
-    total = 0
-    for i, d in enumerate(docs):
-        if (max_docs and i >= max_docs) or (max_bytes and total >= max_bytes):
+    """Documents until max_docs, or until the total text reaches max_bytes (the document crossing it included).
+
+    The cap is checked before the next document is pulled, so no source reads (or counts) one too many.
+    """
+    n, total = 0, 0
+    while not ((max_docs and n >= max_docs) or (max_bytes and total >= max_bytes)):
+        d = next(docs, None)
+        if d is None:
             return
+        n += 1
         total += len(d["text"].encode("utf-8"))
         yield d
 
@@ -80,7 +91,7 @@ def main(cfg: Config) -> dict:
     # Old shards are removed first: a rerun with fewer documents must not leave stale ones behind.
     for old in Path(run.dir).glob("docs_*.parquet"):
         old.unlink()
-    out = write_shards(capped(stream(), cfg.max_docs, cfg.max_bytes), run.dir, max_bytes=cfg.shard_bytes)
+    out = write_shards(capped(iter(stream()), cfg.max_docs, cfg.max_bytes), run.dir, max_bytes=cfg.shard_bytes)
     metrics = {
         **out,
         "per_source": per_source,

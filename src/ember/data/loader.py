@@ -4,7 +4,8 @@
     x, y = train.next_batch()                  # (B, T) int64 each; y[:, t] is the token after x[:, t]
     state = train.state_dict()                 # save with the checkpoint; load_state_dict(state) resumes exactly
     mix = MixtureLoader([(a, 0.7), (b, 0.3)], seed=0)    # rows drawn from several token folders by weight
-    for x, y in val_batches("runs/q/tokenize/tokens", 8, 256): ...
+    loader = open_loader([folder_a, folder_b], [0.7, 0.3], batch_size=8, seq_len=256)   # either of the above
+    for x, y in val_batches("runs/q/tokenize/tokens", 8, 256, max_batches=20): ...
 
 A shard of n tokens holds (n - 1) // T windows of T + 1 tokens at stride T (documents are packed across
 windows, separated by <|eos|>). Each epoch visits every window once in the order of a permutation seeded by
@@ -89,6 +90,7 @@ class TokenLoader:
         self.data = TokenShards(folder, split, seq_len)
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.rank, self.world_size, self.device = rank, world_size, device
+        self.vocab_size = int(self.data.meta["vocab_size"])
         self.cursor = 0  # windows consumed by all ranks together: the whole state
         self._perms: dict[int, np.ndarray] = {}
 
@@ -152,9 +154,11 @@ class MixtureLoader:
                 raise UserError(f"mixture source {loader.data.folder}: weight {w} must be > 0 and batch_size, "
                                 f"seq_len, rank, world_size must match the first source's")
         self.loaders = [l for l, _ in sources]
+        same_tokenizer(self.loaders)
         total = sum(w for _, w in sources)
         self.weights = np.array([w / total for _, w in sources])
         self.seed, self.step = seed, 0
+        self.vocab_size = max(l.vocab_size for l in self.loaders)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         first = self.loaders[0]
@@ -188,37 +192,54 @@ class MixtureLoader:
         self.step = int(state["step"])
 
 
-def val_batches(folder: str | Path, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1,
-                max_batches: int | None = None, split: str = "val", device: str | torch.device = "cpu"):
+def open_loader(folders: str | Path | list, weights: list[float] | None = None, batch_size: int = 8,
+                seq_len: int = 256, seed: int = 0, rank: int = 0, world_size: int = 1,
+                device: str | torch.device = "cpu") -> TokenLoader | MixtureLoader:
+    """The train loader of one token folder, or a MixtureLoader over several (weights relative, default equal)."""
+    folders = [folders] if isinstance(folders, (str, Path)) else list(folders)
+    weights = list(weights) if weights is not None else [1.0] * len(folders)
+    if len(weights) != len(folders):
+        raise UserError(f"{len(folders)} token folders but {len(weights)} weights")
+    loaders = [TokenLoader(f, "train", batch_size, seq_len, seed, rank, world_size, device) for f in folders]
+    return loaders[0] if len(loaders) == 1 else MixtureLoader(list(zip(loaders, weights)), seed)
+
+
+def same_tokenizer(loaders: list[TokenLoader]) -> None:
+    """Token ids from different tokenizers mean different things: refuse to mix them."""
+    hashes = {l.data.meta.get("tokenizer_sha256") for l in loaders}
+    if len(hashes) > 1:
+        raise UserError("the token folders " + ", ".join(str(l.data.folder) for l in loaders) + " were made by "
+                        "different tokenizers; re-tokenize them with one tokenizer before mixing")
+
+
+def val_batches(folders: str | Path | list, batch_size: int, seq_len: int, max_batches: int | None = None,
+                rank: int = 0, world_size: int = 1, split: str = "val", device: str | torch.device = "cpu"):
     """The same (x, y) batches on every call: windows in order, batch k of rank r = global batch k * ws + r.
 
-    Every rank yields the same number of full batches; a split smaller than one batch per rank uses a
-    smaller batch size so that it still yields one.
+    Several folders (a mixture) take turns, batch by batch, up to max_batches in all. Every rank yields the
+    same number of full batches; a split smaller than one batch per rank uses a smaller batch size.
     """
+    folders = [folders] if isinstance(folders, (str, Path)) else list(folders)
+    streams = [_val_stream(f, batch_size, seq_len, rank, world_size, split, device) for f in folders]
+    n = 0
+    while streams and (max_batches is None or n < max_batches):
+        for s in list(streams):
+            batch = next(s, None)
+            if batch is None:
+                streams.remove(s)
+                continue
+            yield batch
+            n += 1
+            if max_batches is not None and n >= max_batches:
+                return
+
+
+def _val_stream(folder, batch_size: int, seq_len: int, rank: int, world_size: int, split: str, device):
     data = TokenShards(folder, split, seq_len)
     if data.n_windows < world_size:
         raise UserError(f"{data.folder}: the '{split}' split has {data.n_windows} windows of {seq_len + 1} tokens, "
                         f"fewer than world_size={world_size}; lower seq_len or add documents to it")
     B = min(batch_size, data.n_windows // world_size)
-    n = data.n_windows // (B * world_size)
-    if max_batches is not None:
-        n = min(n, max_batches)
-    for k in range(n):
+    for k in range(data.n_windows // (B * world_size)):
         start = (k * world_size + rank) * B
         yield to_xy(data.windows(np.arange(start, start + B, dtype=np.int64)), device)
-
-
-def parse_mix(spec: str) -> list[tuple[str, float]]:
-    """"stdlib:0.7,other:0.3" -> [("stdlib", 0.7), ("other", 0.3)]; the names are for the caller to resolve."""
-    out = []
-    for part in spec.split(","):
-        name, _, w = part.strip().rpartition(":")
-        try:
-            weight = float(w)
-        except ValueError:
-            weight = -1.0
-        if not name or not weight > 0:
-            raise UserError(f"mix '{spec}': '{part}' should be NAME:WEIGHT with a weight > 0, "
-                            f"e.g. stdlib:0.7,other:0.3")
-        out.append((name, weight))
-    return out

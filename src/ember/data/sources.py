@@ -271,13 +271,13 @@ def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
     NAME is a hub dataset name ("roneneldan/TinyStories"), a local folder, or a local data file
     (.jsonl/.json/.csv/.parquet/.txt, loaded with the matching packaged builder).
     """
+    if "[" in spec:
+        raise UserError(f"source '{spec}': split slicing (train[:N]) is not supported with streaming; "
+                        f"use the corpus stage's max_docs/max_bytes to cap the size")
     parts = spec[len("hf:"):].split(":")
-    if not parts[0] or len(parts) > 3 or not all(parts):
+    if len(parts) > 3 or not all(parts):
         raise UserError(f"source '{spec}': write hf:NAME, hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT "
                         f"(e.g. hf:wikitext:wikitext-2-raw-v1:validation)")
-    if "[" in parts[-1]:
-        raise UserError(f"source '{spec}': split slicing ('{parts[-1]}') is not supported with streaming; "
-                        f"use the corpus stage's max_docs/max_bytes to cap the size")
     name, config, split = parts[0], parts[1] if len(parts) == 3 else None, parts[-1] if len(parts) > 1 else "train"
     return name, config, split
 
