@@ -63,15 +63,18 @@ def _strings(obj) -> Iterator[str]:
             yield from _strings(v)
 
 
-def iter_texts(paths: Iterable[Path]) -> Iterator[str]:
-    """Every training text: Parquet documents' `text`, and all string fields of JSON/JSONL records."""
+def iter_texts(paths: Iterable[Path], val_fraction: float = 0.0) -> Iterator[str]:
+    """Every training text: Parquet documents' `text` (minus the tokenize stage's val split, which is held
+    out from training), and all string fields of JSON/JSONL records."""
     from ember.data.documents import read_shard
+    from ember.data.tokenize import is_val
     from ember.eval.tasks.common import open_text
 
     for p in paths:
         if p.name.endswith(".parquet"):
             for d in read_shard(p):
-                yield d["text"]
+                if not (val_fraction and is_val(d["id"], val_fraction)):
+                    yield d["text"]
         elif p.name.endswith(".json"):
             yield " \n".join(_strings(json.loads(p.read_text(encoding="utf-8"))))
         else:

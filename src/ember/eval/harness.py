@@ -18,7 +18,9 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -114,37 +116,30 @@ def default_checkpoint(run: str | Path) -> Path:
     return sft / "final" if artifacts.is_finished(sft) and (sft / "final").exists() else Path(run) / "pretrain" / "final"
 
 
-def heldout_docs(run: str | Path) -> Path | None:
-    """The run's own held-out documents for perplexity: written by the tokenize stage when it keeps them."""
-    for cand in (Path(run) / "tokenize" / "val_docs", Path(run) / "tokenize" / "heldout"):
-        if cand.is_dir() and any(cand.glob("docs_*.parquet")):
-            return cand
-    return None
+def task_specs(cfg: Config, data: Path) -> list[tuple[str, Path, Path | None, Callable[[Path], list[dict]]]]:
+    """(task name, data path, few-shot pool path or None, loader) for each configured task. ppl without a
+    path reads the run's own held-out documents (the tokenize stage's val split) when there are any."""
+    from ember.eval.tasks import perplexity
 
-
-def task_paths(cfg: Config, data: Path) -> list[tuple[str, Path, Path | None]]:
-    """(task name, data path, few-shot pool path or None) for each configured task."""
     out = []
     for spec in cfg.tasks:
         name, _, given = spec.partition(":")
         task = get(name)
-        if given:
-            path = Path(given)
-        elif name == "ppl" and heldout_docs(cfg.run):
-            path = heldout_docs(cfg.run)
-        else:
-            path = data / task.path
+        path, load = (Path(given) if given else data / task.path), task.load
+        if name == "ppl" and not given and (split := perplexity.heldout_split(cfg.run)):
+            path, load = split[0], partial(perplexity.load_heldout, val_fraction=split[1])
         pool = data / task.pool_path if task.pool_path and not given else None
-        out.append((name, path, pool))
+        out.append((name, path, pool, load))
     return out
 
 
 # ---------------------------------------------------------------------------- main
 
-def evaluate_task(lm, name: str, path: Path, pool_path: Path | None, cfg: Config) -> tuple[dict, list[dict], list]:
+def evaluate_task(lm, name: str, path: Path, pool_path: Path | None, cfg: Config,
+                  load: Callable[[Path], list[dict]] | None = None) -> tuple[dict, list[dict], list]:
     """Load, subset, score and bootstrap one task. Returns (result record, per-item rows, the items)."""
     task = get(name)
-    items = subset(task.load(path), cfg.limit, cfg.seed)
+    items = subset((load or task.load)(path), cfg.limit, cfg.seed)
     shots = task.shots if cfg.num_fewshot < 0 else cfg.num_fewshot
     if task.kind in ("ppl", "code", "ref"):
         shots = 0
@@ -169,7 +164,9 @@ def add_contamination(results: dict, items_by_task: dict, metas: list[dict], n: 
         return {"sources": [], "note": "no training documents in this run's lineage"}
     sets = {t: [(it["id"], get(t).text(it)) for it in items] for t, items in items_by_task.items()}
     t0 = time.perf_counter()
-    found = contamination.overlap(sets, contamination.iter_texts(sources), n=n)
+    tok_meta = next((m for m in metas if m.get("stage") == "tokenize"), {})
+    val = float(tok_meta.get("config", {}).get("val_fraction", 0.0))  # val documents were not trained on
+    found = contamination.overlap(sets, contamination.iter_texts(sources, val_fraction=val), n=n)
     for task, c in found.items():
         rec = results[task]
         scored = rec["_scored"]
@@ -187,13 +184,13 @@ def main(cfg: Config) -> dict:
     ckpt = Path(cfg.checkpoint) if cfg.checkpoint else default_checkpoint(cfg.run)
     tok = Path(cfg.tokenizer) if cfg.tokenizer else Path(cfg.run) / "tokenizer"
     data = datasets_dir(cfg.data_dir)
-    specs = task_paths(cfg, data)
-    missing = [(n, p) for n, p, _ in specs if not p.exists()]
+    specs = task_specs(cfg, data)
+    missing = [(n, p) for n, p, _, _ in specs if not p.exists()]
     if missing and not cfg.skip_missing:
         raise UserError(f"eval data not found: {', '.join(f'{n} at {p}' for n, p in missing)}. Set --data_dir, "
                         f"pass name:PATH, or --skip_missing=true")
     # data files are inputs too, so a changed benchmark file reruns the stage
-    inputs = {"checkpoint": ckpt, "tokenizer": tok, **{f"data_{n}": p for n, p, _ in specs if p.exists()}}
+    inputs = {"checkpoint": ckpt, "tokenizer": tok, **{f"data_{n}": p for n, p, _, _ in specs if p.exists()}}
     run = artifacts.begin("eval", cfg, inputs=inputs)
     if run.cached:
         return run.metrics
@@ -202,12 +199,12 @@ def main(cfg: Config) -> dict:
                  dtype=cfg.dtype)
 
     results, items_by_task = {}, {}
-    for name, path, pool in specs:
+    for name, path, pool, load in specs:
         if not path.exists():
             results[name] = {"skipped": f"no data at {path}"}
             print0(f"[eval] {name}: skipped (no data at {path})")
             continue
-        rec, per_item, items = evaluate_task(lm, name, path, pool, cfg)
+        rec, per_item, items = evaluate_task(lm, name, path, pool, cfg, load)
         results[name], items_by_task[name] = rec, items
         artifacts.write_text(run.dir / "items" / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in per_item))
         main_v, (lo, hi) = rec["metrics"][rec["main_metric"]], rec["ci95"][rec["main_metric"]]

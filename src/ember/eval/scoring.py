@@ -180,15 +180,22 @@ def default_device() -> str:
 
 def load_lm(checkpoint: str | Path, tokenizer: str | Path, device: str = "cpu", batch_size: int = 16,
             max_len: int = 0, add_bos: bool = True, dtype: str = "float32") -> EvalLM:
-    """An EvalLM over an ember checkpoint folder (model.safetensors) and its tokenizer.json."""
-    from ember.common.checkpoint import load_model
-    from ember.tokenizer.special import load_tokenizer
+    """An EvalLM over an ember checkpoint folder (model.safetensors) and its tokenizer.json, or over a llama2.c
+    .bin checkpoint and its tok*.bin tokenizer (e.g. the pretrained stories260K, for realistic tests)."""
+    if str(checkpoint).endswith(".bin"):
+        from ember.model.llama2c import Llama2cTokenizer, load_llama2c
 
-    model = load_model(checkpoint, device)
+        model = load_llama2c(checkpoint, device)
+        tok = Llama2cTokenizer.load(tokenizer, model.config.vocab_size)
+    else:
+        from ember.common.checkpoint import load_model
+        from ember.tokenizer.special import load_tokenizer
+
+        model = load_model(checkpoint, device)
+        tok = load_tokenizer(tokenizer)
     model.eval()
     if dtype != "float32":
         model.to(getattr(torch, dtype))
-    tok = load_tokenizer(tokenizer)
     if tok.vocab_size > model.config.vocab_size:
         raise UserError(f"tokenizer {tokenizer} has {tok.vocab_size} tokens but the model at {checkpoint} only "
                         f"{model.config.vocab_size}: they come from different runs; pass the matching --tokenizer")
@@ -197,6 +204,7 @@ def load_lm(checkpoint: str | Path, tokenizer: str | Path, device: str = "cpu", 
 
 def gpt_lm(model, tok, device: str = "cpu", batch_size: int = 16, max_len: int = 0, add_bos: bool = True) -> EvalLM:
     """An EvalLM over an in-memory GPT (logits; scoring normalizes them)."""
-    stop = tuple(t for t in (getattr(tok, "eos_id", None), getattr(tok, "end_id", None)) if t is not None)
+    stop = getattr(tok, "stop_ids", None) or tuple(t for t in (getattr(tok, "eos_id", None), getattr(tok, "end_id", None))
+                                                  if t is not None)
     return EvalLM(fn=lambda idx: model(idx), tokenizer=tok, max_len=max_len or model.config.max_seq_len,
                   batch_size=batch_size, device=device, add_bos=add_bos, model=model, stop_ids=stop)

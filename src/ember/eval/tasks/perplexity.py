@@ -53,6 +53,26 @@ def load(path: Path) -> list[dict]:
     return [{"id": str(i), "text": t} for i, t in enumerate(texts) if t.strip()]
 
 
+def heldout_split(run: str | Path) -> tuple[Path, float] | None:
+    """(documents folder, val_fraction) of the run's tokenize stage: its val documents were never trained on."""
+    from ember.common import artifacts
+
+    meta = artifacts.read_meta(Path(run) / "tokenize")
+    if not meta or meta.get("status") != "finished" or "docs" not in meta.get("inputs", {}):
+        return None
+    frac = float(meta["config"].get("val_fraction", 0.0))
+    return (Path(meta["inputs"]["docs"]["path"]), frac) if frac > 0 else None
+
+
+def load_heldout(docs: Path, val_fraction: float) -> list[dict]:
+    """The val documents of a tokenize run: same id-hash rule as `ember tokenize`."""
+    from ember.data.documents import read_shards
+    from ember.data.tokenize import is_val
+
+    return [{"id": d["id"], "text": d["text"]} for d in read_shards(docs) if is_val(d["id"], val_fraction)
+            and d["text"].strip()]
+
+
 def _stat(cols):
     nll, tok, byt = cols["nll"].sum(), cols["tokens"].sum(), cols["bytes"].sum()
     return {"perplexity": math.exp(nll / max(tok, 1)), "bits_per_byte": nll / math.log(2) / max(byt, 1),
