@@ -59,7 +59,8 @@ class Limits:
 # ---------------------------------------------------------------------------- request schemas
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # strict: no coercion ("1" -> 1, true -> 1), so whatever the schema rejects, the server rejects too
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 class _OpenAIRequest(_Strict):
@@ -120,7 +121,7 @@ class ContentPart(_Strict):
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # name, refusal, ... carry nothing we use
+    model_config = ConfigDict(extra="ignore", strict=True)  # name, refusal, ... carry nothing we use
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart]
 

@@ -127,7 +127,13 @@ def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator |
     logits = apply_penalties(logits.float(), p, prompt_seen, counts)
     if p.temperature == 0:
         return int(torch.argmax(logits))
-    probs = filter_logits(logits, p).softmax(-1)
+    # extreme but legal settings (temperature 1e-30, repetition_penalty 1e-300) overflow fp32: cap +inf at the
+    # largest float (it then simply wins) and treat NaN as impossible, rather than feed NaN to multinomial
+    big = torch.finfo(torch.float32).max
+    filtered = filter_logits(logits, p).nan_to_num(nan=float("-inf"), posinf=big, neginf=float("-inf"))
+    probs = filtered.softmax(-1)
+    if not torch.isfinite(probs).all() or probs.sum() <= 0:
+        return int(torch.argmax(filtered))
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
