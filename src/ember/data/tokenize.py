@@ -137,26 +137,32 @@ def encode_chunks(items: Iterator[tuple[str, list[str]]], tokenizer: str, worker
 # ---------------------------------------------------------------------------- shards
 
 class ShardWriter:
-    """Appends token arrays to <split>_00000.bin, <split>_00001.bin, ...; a shard ends at a chunk boundary."""
+    """Appends token arrays to <split>_00000.bin, <split>_00001.bin, ...; a shard ends after the first EOS
+    at or past shard_tokens, so no document straddles two shards."""
 
-    def __init__(self, folder: Path, split: str, dtype, shard_tokens: int):
-        self.folder, self.split, self.dtype, self.shard_tokens = folder, split, dtype, shard_tokens
+    def __init__(self, folder: Path, split: str, dtype, shard_tokens: int, eos_id: int):
+        self.folder, self.split, self.dtype = folder, split, dtype
+        self.shard_tokens, self.eos_id = shard_tokens, eos_id
         self.shards: list[dict] = []
         self.file, self.tmp = None, None
 
-    def add(self, tokens: np.ndarray, n_docs: int, n_bytes: int) -> None:
-        if self.file is None:
-            name = f"{self.split}_{len(self.shards):05d}.bin"
-            self.tmp = self.folder / f".{name}.tmp"  # hidden until complete (artifacts ignore dot files)
-            self.file = open(self.tmp, "wb")
-            self.shards.append({"file": name, "tokens": 0, "documents": 0, "bytes": 0})
-        self.file.write(tokens.astype(self.dtype, copy=False).tobytes())
-        cur = self.shards[-1]
-        cur["tokens"] += len(tokens)
-        cur["documents"] += n_docs
-        cur["bytes"] += n_bytes
-        if cur["tokens"] >= self.shard_tokens:
-            self.close()
+    def add(self, tokens: np.ndarray) -> None:
+        while len(tokens):
+            if self.file is None:
+                name = f"{self.split}_{len(self.shards):05d}.bin"
+                self.tmp = self.folder / f".{name}.tmp"  # hidden until complete (artifacts ignore dot files)
+                self.file = open(self.tmp, "wb")
+                self.shards.append({"file": name, "tokens": 0, "documents": 0})
+            cur = self.shards[-1]
+            full_at = max(0, self.shard_tokens - cur["tokens"] - 1)  # index where the shard reaches its size
+            ends = np.flatnonzero(tokens[full_at:] == self.eos_id)
+            cut = full_at + int(ends[0]) + 1 if len(ends) else len(tokens)  # just after the next EOS
+            piece, tokens = tokens[:cut], tokens[cut:]
+            self.file.write(piece.astype(self.dtype, copy=False).tobytes())
+            cur["tokens"] += len(piece)
+            cur["documents"] += int(np.count_nonzero(piece == self.eos_id))
+            if cur["tokens"] >= self.shard_tokens:
+                self.close()
 
     def close(self) -> None:
         if self.file is not None:
@@ -167,7 +173,7 @@ class ShardWriter:
             self.file = None
 
     def summary(self) -> dict:
-        return {"shards": self.shards, **{k: sum(s[k] for s in self.shards) for k in ("tokens", "documents", "bytes")}}
+        return {"shards": self.shards, **{k: sum(s[k] for s in self.shards) for k in ("tokens", "documents")}}
 
 
 def main(cfg: Config) -> dict:
@@ -183,18 +189,20 @@ def main(cfg: Config) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.bin"):  # a resumed (unfinished) folder may hold shards of an interrupted run
         old.unlink()
-    writers = {s: ShardWriter(out, s, dtype, cfg.shard_tokens) for s in ("train", "val")}
+    writers = {s: ShardWriter(out, s, dtype, cfg.shard_tokens, tok.eos_id) for s in ("train", "val")}
+    n_bytes = {"train": 0, "val": 0}
     workers = cfg.workers or os.cpu_count() or 1
 
     t0 = time.time()
     with Progress(None, "tokenize", unit="doc") as bar:
         for split, texts, tokens in encode_chunks(chunks(read_shards(docs_dir), cfg.val_fraction), str(tok_path), workers):
-            writers[split].add(tokens, len(texts), sum(len(t.encode("utf-8")) for t in texts))
+            writers[split].add(tokens)
+            n_bytes[split] += sum(len(t.encode("utf-8")) for t in texts)
             bar.update(len(texts))
     for w in writers.values():
         w.close()
     seconds = time.time() - t0
-    splits = {s: w.summary() for s, w in writers.items()}
+    splits = {s: {**w.summary(), "bytes": n_bytes[s]} for s, w in writers.items()}
     if splits["train"]["documents"] == 0:
         raise UserError(f"tokenize: no training documents in {docs_dir} (all empty, or val_fraction="
                         f"{cfg.val_fraction} took them all); add documents or lower val_fraction")

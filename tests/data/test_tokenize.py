@@ -1,0 +1,107 @@
+"""`ember tokenize`: shards decode back to the documents (EOS-separated, in order), the split follows the id
+hash, parallel and in-process encoding give identical bytes, dtype/shard rollover and meta.json."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from ember.common import artifacts
+from ember.common.errors import UserError
+from ember.data import tokenize
+from ember.data.documents import make_doc, write_shards
+from ember.data.sources import iter_documents
+from ember.tokenizer.special import load_tokenizer
+from ember.tokenizer.train import save, train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """<run>/corpus (60 stdlib documents + a few edge cases) and <run>/tokenizer (vocab 400)."""
+    run = tmp_path_factory.mktemp("run")
+    docs = [d for d, _ in zip(iter_documents("stdlib"), range(60))]
+    docs += [make_doc("edge/special", "a literal <|eos|> in text", "t"), make_doc("edge/empty", "", "t"),
+             make_doc("edge/unicode", "naïve 東京 🎉\r\n", "t")]
+    write_shards(docs, run / "corpus")
+    artifacts.write_json(run / "corpus" / "meta.json", {"stage": "corpus", "status": "finished"})
+    save(train_tokenizer([d["text"] for d in docs], vocab_size=400), run / "tokenizer")
+    return run, docs
+
+
+def split_docs(tokens: np.ndarray, eos: int) -> list[np.ndarray]:
+    ends = np.flatnonzero(tokens == eos)
+    assert len(tokens) and ends[-1] == len(tokens) - 1  # the last document is closed by EOS too
+    return np.split(tokens, ends + 1)[:-1]
+
+
+def test_shards_decode_to_the_documents(run):
+    run, docs = run
+    m = tokenize.main(tokenize.Config(run=str(run), val_fraction=0.1, workers=2))
+    tok = load_tokenizer(run / "tokenizer")
+    out = run / "tokenize" / "tokens"
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["dtype"] == "uint16" and meta["eos_id"] == tok.eos_id and meta["tokenizer_sha256"] == tok.sha256
+    kept = [d for d in docs if d["text"]]
+    for split in ("train", "val"):
+        want = [d["text"] for d in kept if tokenize.is_val(d["id"], 0.1) == (split == "val")]
+        tokens = np.fromfile(out / f"{split}_00000.bin", dtype=np.uint16)
+        got = [tok.decode(x[:-1]) for x in split_docs(tokens, tok.eos_id)]
+        assert got == want  # order kept, every document closed by EOS, nothing else is EOS
+        assert meta["splits"][split]["documents"] == m[f"{split}_documents"] == len(want)
+        assert meta["splits"][split]["tokens"] == len(tokens) == sum(len(tok.encode(t)) + 1 for t in want)
+    assert m["val_documents"] > 0 and m["train_documents"] + m["val_documents"] == len(kept)
+
+
+def test_in_process_equals_parallel_and_shards_roll_over(run, tmp_path):
+    run, _ = run
+    cfg = dict(docs=str(run / "corpus"), tokenizer=str(run / "tokenizer"), val_fraction=0.1)
+    tokenize.main(tokenize.Config(run=str(tmp_path / "a"), workers=1, **cfg))
+    tokenize.main(tokenize.Config(run=str(tmp_path / "b"), workers=2, shard_tokens=20_000, **cfg))
+    a, b = tmp_path / "a" / "tokenize" / "tokens", tmp_path / "b" / "tokenize" / "tokens"
+    shards = sorted(b.glob("train_*.bin"))
+    assert len(shards) >= 2
+    assert b"".join(p.read_bytes() for p in shards) == (a / "train_00000.bin").read_bytes()
+    meta = json.loads((b / "meta.json").read_text())
+    assert [s["file"] for s in meta["splits"]["train"]["shards"]] == [p.name for p in shards]
+    assert all(s["tokens"] * 2 == (b / s["file"]).stat().st_size for s in meta["splits"]["train"]["shards"])
+    assert all(np.fromfile(p, dtype=np.uint16)[-1] == meta["eos_id"] for p in shards)  # cut at document ends
+    assert sum(s["documents"] for s in meta["splits"]["train"]["shards"]) == meta["splits"]["train"]["documents"]
+
+
+def test_is_val_is_a_stable_hash_fraction():
+    ids = [f"doc{i}" for i in range(4000)]
+    share = sum(tokenize.is_val(i, 0.05) for i in ids) / len(ids)
+    assert 0.04 < share < 0.06
+    assert [tokenize.is_val(i, 0.05) for i in ids[:50]] == [tokenize.is_val(i, 0.05) for i in ids[:50]]
+    assert not any(tokenize.is_val(i, 0.0) for i in ids)
+    # nested: a document in val at 5% stays in val at 10% (growing the split never moves val docs to train)
+    assert all(tokenize.is_val(i, 0.1) for i in ids if tokenize.is_val(i, 0.05))
+
+
+def test_dtype_follows_vocab_size(tmp_path):
+    assert tokenize.token_dtype(65536) is np.uint16 and tokenize.token_dtype(65537) is np.uint32
+    w = tokenize.ShardWriter(tmp_path, "train", np.uint32, 3, eos_id=1)
+    w.add(np.array([70000, 1, 5, 6, 7, 1, 8, 1], dtype=np.int64))
+    w.close()
+    # shards of >= 3 tokens, each ending at a document's EOS
+    assert np.fromfile(tmp_path / "train_00000.bin", dtype=np.uint32).tolist() == [70000, 1, 5, 6, 7, 1]
+    assert np.fromfile(tmp_path / "train_00001.bin", dtype=np.uint32).tolist() == [8, 1]
+    assert [(s["tokens"], s["documents"]) for s in w.summary()["shards"]] == [(6, 2), (2, 1)]
+
+
+def test_empty_val_split_is_a_user_error(run, tmp_path):
+    run, _ = run
+    docs = [make_doc("only-train-doc", "some text", "t")]
+    assert not tokenize.is_val("only-train-doc", 0.01)
+    write_shards(docs, tmp_path / "docs")
+    with pytest.raises(UserError, match="val split"):
+        tokenize.main(tokenize.Config(run=str(tmp_path), docs=str(tmp_path / "docs"),
+                                      tokenizer=str(run / "tokenizer"), val_fraction=0.01, workers=1))
+
+
+def test_missing_tokenizer_is_a_user_error(tmp_path):
+    write_shards([make_doc("a", "x", "t")], tmp_path / "corpus")
+    with pytest.raises(UserError, match="input 'tokenizer' not found"):
+        tokenize.main(tokenize.Config(run=str(tmp_path)))
