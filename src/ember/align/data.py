@@ -1,0 +1,329 @@
+"""Preference and RL data: loaders for the fixed formats, real-data converters, and no-download defaults.
+
+Preferences = `{"prompt", "chosen", "rejected"}` (prompt: a string, or a list of {"role","content"} turns);
+RL tasks = `{"prompt", "answer"}`. `load_preferences` also reads hh-rlhf dialogues and OpenAssistant trees,
+`load_tasks` also reads GSM8K. Defaults that need no download: `stdlib_pairs` (real Python from the
+running interpreter's stdlib vs a corrupted copy) and `arithmetic_tasks` (exact-answer arithmetic).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import random
+import re
+import sysconfig
+from pathlib import Path
+from typing import Iterator
+
+from ember.common.errors import UserError
+
+Messages = list[dict]  # [{"role": "user" | "assistant" | "system", "content": str}, ...]
+
+
+# ---------------------------------------------------------------------------- reading JSONL
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line number, record) for each non-blank line of a .jsonl or .jsonl.gz file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"data file {path} not found: pass --data=<a .jsonl or .jsonl.gz file>")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{i}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+            if not isinstance(rec, dict):
+                raise UserError(f"{path}:{i}: expected a JSON object, got {type(rec).__name__}")
+            yield i, rec
+
+
+def write_jsonl(path: str | Path, records: list[dict]) -> None:
+    from ember.common.artifacts import write_text
+
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def _check_prompt(prompt, where: str):
+    ok = isinstance(prompt, str) or (isinstance(prompt, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt))
+    if not ok:
+        raise UserError(f"{where}: 'prompt' must be a string or a list of {{\"role\", \"content\"}} turns")
+
+
+# ---------------------------------------------------------------------------- preferences
+
+
+def load_preferences(path: str | Path) -> list[dict]:
+    """Preference pairs from any of: our format, hh-rlhf (`{"chosen","rejected"}` Human/Assistant dialogues),
+    OpenAssistant message trees (ranked sibling replies -> pairs). The format is read from each record."""
+    pairs = []
+    for i, rec in read_jsonl(path):
+        where = f"{path}:{i}"
+        if "message_tree_id" in rec and isinstance(rec.get("prompt"), dict):
+            pairs += oasst_pairs(rec["prompt"])
+        elif {"prompt", "chosen", "rejected"} <= rec.keys():
+            _check_prompt(rec["prompt"], where)
+            if not (isinstance(rec["chosen"], str) and isinstance(rec["rejected"], str)):
+                raise UserError(f"{where}: 'chosen' and 'rejected' must be strings")
+            pairs.append({"prompt": rec["prompt"], "chosen": rec["chosen"], "rejected": rec["rejected"]})
+        elif {"chosen", "rejected"} <= rec.keys():
+            pair = hh_pair(rec["chosen"], rec["rejected"])
+            if pair is not None:
+                pairs.append(pair)
+        else:
+            raise UserError(f"{where}: a preference record needs keys prompt, chosen, rejected (has "
+                            f"{', '.join(sorted(rec)) or 'none'}); hh-rlhf and OpenAssistant tree files are also read")
+    if not pairs:
+        raise UserError(f"{path}: no preference pairs found")
+    return pairs
+
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+
+
+def parse_hh_dialogue(text: str) -> Messages:
+    """'\\n\\nHuman: hi\\n\\nAssistant: hello' -> [{"role": "user", ...}, {"role": "assistant", ...}]."""
+    parts = _HH_TURN.split("\n\n" + text.lstrip("\n") if not text.startswith("\n\n") else text)
+    turns = []
+    for speaker, content in zip(parts[1::2], parts[2::2]):
+        turns.append({"role": "user" if speaker == "Human" else "assistant", "content": content.strip()})
+    return turns
+
+
+def hh_pair(chosen: str, rejected: str) -> dict | None:
+    """One hh-rlhf record -> a pair: the shared dialogue is the prompt, the two final replies differ.
+    None when the dialogues do not share everything but the last assistant turn (a few records)."""
+    c, r = parse_hh_dialogue(chosen), parse_hh_dialogue(rejected)
+    if len(c) < 2 or len(c) != len(r) or c[-1]["role"] != "assistant" or c[:-1] != r[:-1]:
+        return None
+    if c[-1]["content"] == r[-1]["content"] or not c[-1]["content"] or not r[-1]["content"]:
+        return None
+    return {"prompt": c[:-1], "chosen": c[-1]["content"], "rejected": r[-1]["content"]}
+
+
+def oasst_pairs(node: dict, history: Messages | None = None) -> list[dict]:
+    """Pairs from an OpenAssistant tree: at every user turn, each ranked assistant reply is preferred over
+    every reply ranked below it (rank 0 = best, by human votes); then recurse down every reply."""
+    history = (history or []) + [{"role": "user" if node["role"] == "prompter" else "assistant",
+                                  "content": node["text"]}]
+    replies = [r for r in node.get("replies", []) if not r.get("deleted")]
+    pairs = []
+    if node["role"] == "prompter":
+        ranked = sorted((r for r in replies if r.get("rank") is not None), key=lambda r: r["rank"])
+        for a in range(len(ranked)):
+            for b in range(a + 1, len(ranked)):
+                if ranked[a]["rank"] < ranked[b]["rank"]:
+                    pairs.append({"prompt": list(history), "chosen": ranked[a]["text"], "rejected": ranked[b]["text"]})
+    for r in replies:
+        pairs += oasst_pairs(r, history)
+    return pairs
+
+
+def prompt_key(prompt) -> str:
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
+
+
+def split_heldout(records: list[dict], val_frac: float, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(train, val) split by a hash of the prompt, so pairs sharing a prompt land on the same side and the
+    split does not change when records are added or reordered. At least one record goes to each side."""
+    def frac(r):
+        h = hashlib.sha256(f"{seed}:{prompt_key(r['prompt'])}".encode()).digest()
+        return int.from_bytes(h[:8], "big") / 2 ** 64
+
+    train = [r for r in records if frac(r) >= val_frac]
+    val = [r for r in records if frac(r) < val_frac]
+    if val_frac > 0 and (not val or not train) and len(records) >= 2:
+        ordered = sorted(records, key=frac)
+        k = min(max(1, round(val_frac * len(records))), len(records) - 1)
+        val, train = ordered[:k], ordered[k:]
+    return train, val
+
+
+def preference_split(spec: str, n_pairs: int, val_frac: float, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(train, val) pairs for a stage's `data` setting: "stdlib" = n_pairs synthetic pairs, else a file
+    (at most n_pairs of it, 0 = all)."""
+    pairs = stdlib_pairs(n_pairs, seed) if spec == "stdlib" else load_preferences(spec)
+    if spec != "stdlib" and n_pairs:
+        pairs = pairs[:n_pairs]
+    train, val = split_heldout(pairs, val_frac, seed)
+    if not train or not val:
+        raise UserError(f"data={spec}: {len(pairs)} pairs leave an empty train or held-out split "
+                        f"(val_frac={val_frac}); give more pairs")
+    return train, val
+
+
+def data_inputs(spec: str) -> dict:
+    """The `inputs` entry for artifacts.begin: a data file is hashed into the run's lineage, built-ins are not."""
+    return {} if spec in ("stdlib", "arithmetic") else {"data": spec}
+
+
+# ---------------------------------------------------------------------------- synthetic pairs: real vs corrupted code
+
+
+def stdlib_sources(max_files: int = 400, seed: int = 0) -> list[str]:
+    """Texts of up to max_files .py files of the running interpreter's standard library (sorted, sampled)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.glob("*.py"))
+    if not files:
+        raise UserError(f"no .py files under {root}: the stdlib corpus needs the interpreter's sources")
+    random.Random(seed).shuffle(files)
+    texts = []
+    for p in files[:max_files]:
+        try:
+            texts.append(p.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, OSError):
+            continue
+    return texts
+
+
+def corrupt(text: str, rng: random.Random) -> str:
+    """A plausible-looking but wrong copy of code: one of shuffled lines, shuffled words, or ~25% of
+    characters replaced. Whitespace layout is kept, so length alone does not give it away."""
+    kind = rng.randrange(3)
+    lines = text.split("\n")
+    if kind == 0 and len(set(lines)) >= 2:  # distinct lines, so some order differs from the original
+        body = lines[:]
+        while body == lines:
+            rng.shuffle(body)
+        return "\n".join(body)
+    if kind <= 1:
+        out = []
+        for line in lines:
+            indent = line[:len(line) - len(line.lstrip())]
+            words = line.split()
+            rng.shuffle(words)
+            out.append(indent + " ".join(words))
+        if "\n".join(out) != text:
+            return "\n".join(out)
+    alphabet = "abcdefghijklmnopqrstuvwxyz_()[]:=.,0123456789"
+    chars = [rng.choice(alphabet) if not c.isspace() and rng.random() < 0.25 else c for c in text]
+    return "".join(chars)
+
+
+def stdlib_pairs(n: int, seed: int = 0, prompt_lines: int = 3, response_lines: int = 3,
+                 max_chars: int = 240) -> list[dict]:
+    """n preference pairs: prompt = a few lines of real stdlib code, chosen = the lines that really follow,
+    rejected = a corrupted copy of them. Short, so tiny models and short context windows can use them."""
+    rng = random.Random(seed)
+    snippets = []
+    for text in stdlib_sources(seed=seed):
+        lines = [ln.rstrip() for ln in text.split("\n")]
+        for start in range(0, len(lines) - prompt_lines - response_lines, prompt_lines + response_lines):
+            head = lines[start:start + prompt_lines]
+            tail = lines[start + prompt_lines:start + prompt_lines + response_lines]
+            # skip blank, comment-only or docstring-ish chunks: there is little code to corrupt there
+            if sum(bool(ln.strip()) for ln in tail) < 2 or any(len(ln) > 100 for ln in head + tail):
+                continue
+            if any(ln.lstrip().startswith(("#", '"""', "'''")) for ln in tail):
+                continue
+            prompt, chosen = "\n".join(head), "\n".join(tail).strip("\n")
+            if len(prompt) + len(chosen) <= max_chars and len(chosen.split()) >= 4:
+                snippets.append((prompt, chosen))
+    rng.shuffle(snippets)
+    if len(snippets) < n:
+        raise UserError(f"stdlib_pairs: asked for {n} pairs, the stdlib gives {len(snippets)}; lower --n_pairs")
+    pairs = []
+    for prompt, chosen in snippets[:n]:
+        pairs.append({"prompt": "Continue this Python code:\n" + prompt, "chosen": chosen, "rejected": corrupt(chosen, rng)})
+    return pairs
+
+
+# ---------------------------------------------------------------------------- RL tasks with verifiable answers
+
+
+_NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Gus", "Hana", "Ivan", "Jo"]
+_ITEMS = ["apples", "books", "coins", "pencils", "stamps", "shells", "cards", "marbles"]
+
+
+def arithmetic_task(rng: random.Random, max_operand: int = 20, word_problems: bool = True,
+                    operations: str = "+-*") -> dict:
+    """One task with an exact integer answer: `a + b`, `a - b` (non-negative) or `a * b` (small factors),
+    as a bare expression or a one-sentence word problem."""
+    op = rng.choice(operations)
+    if op == "*":
+        a, b = rng.randint(0, min(max_operand, 12)), rng.randint(0, min(max_operand, 12))
+    else:
+        a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
+        if op == "-" and b > a:
+            a, b = b, a
+    answer = {"+": a + b, "-": a - b, "*": a * b}[op]
+    if word_problems and rng.random() < 0.5:
+        name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+        prompt = {
+            "+": f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?",
+            "-": f"{name} has {a} {item} and gives away {b}. How many {item} does {name} have left?",
+            "*": f"{name} has {a} bags with {b} {item} in each. How many {item} does {name} have?",
+        }[op]
+    else:
+        prompt = f"What is {a} {op} {b}?"
+    return {"prompt": prompt, "answer": str(answer)}
+
+
+def arithmetic_tasks(n: int, seed: int = 0, max_operand: int = 20, word_problems: bool = True,
+                     operations: str = "+-*") -> list[dict]:
+    if not operations or set(operations) - set("+-*"):
+        raise UserError(f"operations={operations!r}: use a non-empty combination of + - *")
+    rng = random.Random(seed)
+    return [arithmetic_task(rng, max_operand, word_problems, operations) for _ in range(n)]
+
+
+def gsm8k_answer(solution: str) -> str:
+    """GSM8K's final answer: the number after '####', commas removed ('#### 1,000' -> '1000')."""
+    if "####" not in solution:
+        raise ValueError("no '####' in the GSM8K answer")
+    return solution.rsplit("####", 1)[1].strip().replace(",", "")
+
+
+def load_tasks(path: str | Path) -> list[dict]:
+    """RL tasks from `{"prompt","answer"}` JSONL or GSM8K `{"question","answer": "...#### 72"}` JSONL."""
+    tasks = []
+    for i, rec in read_jsonl(path):
+        if "question" in rec and "answer" in rec:  # GSM8K
+            try:
+                tasks.append({"prompt": rec["question"], "answer": gsm8k_answer(str(rec["answer"]))})
+            except ValueError:
+                raise UserError(f"{path}:{i}: GSM8K answer without '#### <number>'") from None
+        elif "prompt" in rec and "answer" in rec:
+            _check_prompt(rec["prompt"], f"{path}:{i}")
+            tasks.append({"prompt": rec["prompt"], "answer": str(rec["answer"]).strip()})
+        else:
+            raise UserError(f"{path}:{i}: an RL task needs keys prompt and answer (or GSM8K's question and "
+                            f"answer); this record has {', '.join(sorted(rec)) or 'none'}")
+    if not tasks:
+        raise UserError(f"{path}: no tasks found")
+    return tasks
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer in a completion: the number after the last '####' or 'answer' if any, else the
+    last number in the text; commas and a trailing '.0' removed. None when there is no number."""
+    for marker in ("####", "answer is", "answer:", "Answer:"):
+        if marker in text:
+            tail = _NUMBER.findall(text.rsplit(marker, 1)[1])
+            if tail:
+                return _normalize(tail[0])
+    nums = _NUMBER.findall(text)
+    return _normalize(nums[-1]) if nums else None
+
+
+def _normalize(num: str) -> str:
+    num = num.replace(",", "")
+    if "." in num:
+        num = num.rstrip("0").rstrip(".")
+    return num
+
+
+def exact_match(completion: str, answer: str) -> bool:
+    """Verifiable reward: the completion's final number equals the reference answer exactly."""
+    got = extract_answer(completion)
+    return got is not None and got == _normalize(answer.strip())

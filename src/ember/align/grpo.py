@@ -1,0 +1,203 @@
+"""`ember grpo`: reinforcement learning with verifiable rewards (GRPO, Shao et al. 2024).
+
+    ember grpo                                                 # <run>/sft/final on generated arithmetic
+    ember grpo --data=../shared/datasets/gsm8k/train.jsonl --max_new_tokens=256
+    ember grpo --lora_r=8 --advantage=dr_grpo
+
+Each step samples `group_size` replies per prompt from the policy (KV-cache sampling), rewards each 1/0 by
+exact match of its final number with the task's answer, and normalizes rewards within the group (no value
+model: the group mean is the baseline). The loss is PPO's clipped surrogate plus a k3 KL penalty to the
+frozen reference (align/losses.py: grpo_loss). Reports held-out exact-answer accuracy (greedy decoding)
+before and after. Writes `<run>/grpo/final/` (LoRA merged; adapter.safetensors beside it).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ember.align import losses
+from ember.align.data import arithmetic_tasks, data_inputs, exact_match, load_tasks, prompt_key
+from ember.align.rollout import (TEMPLATES, PolicyWithReference, collate, decode_response, encode_prompt, generate,
+                                 load_lm, stop_id, token_logps)
+from ember.common import artifacts
+from ember.common.config import require
+from ember.common.dist import pick_device
+from ember.common.errors import UserError
+from ember.common.log import Metrics, print0, step_line
+
+# advantage name -> function of align/losses.py
+ADVANTAGES = {"grpo": losses.grpo_advantages, "dr_grpo": losses.dr_grpo_advantages}
+
+
+@dataclass
+class Config:
+    run: str = "runs/default"  # run folder; this stage writes <run>/grpo/
+    model: str = ""  # policy to start from (and reference); empty = <run>/sft/final
+    tokenizer: str = ""  # tokenizer.json; empty = <run>/tokenizer/tokenizer.json
+    data: str = "arithmetic"  # {"prompt","answer"} or GSM8K JSONL, or arithmetic = generated tasks
+    n_tasks: int = 5000  # arithmetic: tasks to generate; a file: use at most this many (0 = all)
+    n_val: int = 200  # held-out tasks for the reported accuracy (taken from the data, never trained on)
+    max_operand: int = 20  # arithmetic: operands in [0, max_operand] (products use factors <= 12)
+    word_problems: bool = True  # arithmetic: half the tasks as one-sentence word problems
+    operations: str = "+-*"  # arithmetic: which of + - * to draw from
+    template: str = "chat"  # chat: prompt as a user turn (SFT models); raw: plain text (base models)
+    max_prompt_len: int = 192  # prompts keep their last this many tokens
+    max_new_tokens: int = 16  # reply length cap (arithmetic answers are a few tokens; GSM8K needs ~256)
+    group_size: int = 8  # replies sampled per prompt (GRPO's G); the group mean is the baseline
+    prompts_per_step: int = 8  # prompts per step; a step trains on prompts_per_step * group_size replies
+    steps: int = 100  # rollout + update rounds
+    updates_per_step: int = 1  # optimizer steps on each batch of rollouts (GRPO's mu); > 1 makes clipping matter
+    advantage: str = "grpo"  # grpo: (r - mean) / std in the group; dr_grpo: r - mean (Liu et al. 2025)
+    clip_eps: float = 0.2  # PPO clip range of the probability ratio
+    kl_coef: float = 0.04  # weight of the k3 KL penalty to the reference (GRPO paper: 0.04)
+    temperature: float = 1.0  # sampling temperature of rollouts (exploration); evaluation is greedy
+    top_k: int = 0  # sample among the top_k tokens only (0 = all)
+    lr: float = 2e-5  # peak AdamW learning rate (tiny models / LoRA take more)
+    weight_decay: float = 0.0  # AdamW decay on matrices
+    warmup: int = 5  # linear LR warmup steps, then constant
+    grad_clip: float = 1.0  # max global gradient norm
+    lora_r: int = 0  # 0 = full fine-tuning (reference = frozen copy); >0 = LoRA rank (reference = adapters off)
+    lora_alpha: float = 16.0  # LoRA scale numerator: the update is (alpha / r) * B A
+    lora_targets: list[str] = field(default_factory=lambda: ["attn", "mlp"])  # layer groups/names LoRA wraps
+    eval_every: int = 50  # steps between held-out evaluations (0 = only at the start and end)
+    seed: int = 0  # tasks, sampling, LoRA init
+    device: str = "auto"  # cpu, cuda, mps or auto
+
+    def __post_init__(self):
+        require(self.template in TEMPLATES, "template", self.template, f"one of {', '.join(TEMPLATES)}")
+        require(self.advantage in ADVANTAGES, "advantage", self.advantage, f"one of {', '.join(ADVANTAGES)}")
+        require(self.group_size >= 2, "group_size", self.group_size, "an int >= 2 (advantages compare replies in a group)")
+        for name in ("prompts_per_step", "steps", "updates_per_step", "max_new_tokens", "n_val", "max_prompt_len"):
+            require(getattr(self, name) >= 1, name, getattr(self, name), "an int >= 1")
+        require(self.n_tasks >= 0 and self.max_operand >= 1, "n_tasks/max_operand", (self.n_tasks, self.max_operand),
+                "n_tasks >= 0 and max_operand >= 1")
+        require(0 < self.clip_eps < 1, "clip_eps", self.clip_eps, "a float in (0, 1)")
+        require(self.kl_coef >= 0 and self.temperature > 0, "kl_coef/temperature", (self.kl_coef, self.temperature),
+                "kl_coef >= 0 and temperature > 0")
+        require(self.lr > 0, "lr", self.lr, "a float > 0")
+        require(self.lora_r >= 0, "lora_r", self.lora_r, "0 (full fine-tuning) or a rank >= 1")
+
+
+PRESETS = {
+    "quickstart": lambda: Config(steps=60, prompts_per_step=8, group_size=8, n_val=200),
+    "smoke": lambda: Config(steps=3, prompts_per_step=2, group_size=4, n_val=8, n_tasks=100, eval_every=0),
+}
+
+
+def split_tasks(cfg: Config) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) tasks; held-out prompts never appear in training."""
+    if cfg.data == "arithmetic":
+        tasks = arithmetic_tasks(cfg.n_tasks + cfg.n_val, cfg.seed, cfg.max_operand, cfg.word_problems, cfg.operations)
+    else:
+        tasks = load_tasks(cfg.data)
+        if cfg.n_tasks:
+            tasks = tasks[:cfg.n_tasks + cfg.n_val]
+    random.Random(cfg.seed).shuffle(tasks)
+    unique = list({prompt_key(t["prompt"]): t for t in tasks}.values())  # generated tasks repeat
+    val = unique[:cfg.n_val]
+    seen = {prompt_key(t["prompt"]) for t in val}
+    train = [t for t in tasks if prompt_key(t["prompt"]) not in seen]
+    if not train:
+        raise UserError(f"data={cfg.data}: no training tasks left after holding out n_val={cfg.n_val}")
+    return train, val
+
+
+@torch.no_grad()
+def accuracy(model, tok, tasks: list[dict], cfg: Config, device) -> float:
+    """Share of tasks whose greedy reply has the exact answer."""
+    prompts = [encode_prompt(tok, t["prompt"], cfg.template)[-cfg.max_prompt_len:] for t in tasks]
+    replies = generate(model, prompts, cfg.max_new_tokens, stop_id(tok, cfg.template), temperature=0.0)
+    return sum(exact_match(decode_response(tok, r, cfg.template), t["answer"]) for r, t in zip(replies, tasks)) / len(tasks)
+
+
+def main(cfg: Config) -> dict:
+    from ember.pretrain.optim import build_adamw, lr_factor
+    from ember.tokenizer.special import load_tokenizer
+
+    model_dir = cfg.model or str(Path(cfg.run) / "sft" / "final")
+    tok_path = cfg.tokenizer or str(Path(cfg.run) / "tokenizer" / "tokenizer.json")
+    run = artifacts.begin("grpo", cfg, inputs={"model": model_dir, "tokenizer": tok_path, **data_inputs(cfg.data)})
+    if run.cached:
+        return run.metrics
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    tok = load_tokenizer(tok_path)
+    stop = stop_id(tok, cfg.template)
+
+    train, val = split_tasks(cfg)
+    print0(f"[grpo] {len(train)} train / {len(val)} held-out tasks from {cfg.data}")
+    pr = PolicyWithReference(load_lm(model_dir, device), cfg.lora_r, cfg.lora_alpha, cfg.lora_targets)
+    policy = pr.model.train()
+    opt = build_adamw(policy, cfg.lr, cfg.weight_decay, (0.9, 0.95), device)
+    advantage_fn = ADVANTAGES[cfg.advantage]
+    metrics_log = Metrics(run.dir)
+    acc_before = accuracy(policy, tok, val, cfg, device)
+    print0(f"[grpo] held-out exact-answer accuracy before: {acc_before:.3f}")
+    metrics_log.log(0, val_accuracy=acc_before)
+
+    rng = random.Random(cfg.seed)
+    rewards_seen = []
+    for step in range(1, cfg.steps + 1):
+        t0 = time.perf_counter()
+        # rollouts: G replies per prompt, groups contiguous
+        tasks = rng.sample(train, min(cfg.prompts_per_step, len(train)))
+        prompts = [encode_prompt(tok, t["prompt"], cfg.template)[-cfg.max_prompt_len:] for t in tasks]
+        prompts = [p for p in prompts for _ in range(cfg.group_size)]
+        replies = generate(policy, prompts, cfg.max_new_tokens, stop, cfg.temperature, cfg.top_k, generator=gen)
+        answers = [t["answer"] for t in tasks for _ in range(cfg.group_size)]
+        rewards = torch.tensor([float(exact_match(decode_response(tok, r, cfg.template), a))
+                                for r, a in zip(replies, answers)])
+        adv = advantage_fn(rewards, cfg.group_size).to(device)  # (N,)
+        batch = collate(prompts, replies, tok.pad_id).to(device)
+        with torch.no_grad():
+            old = token_logps(policy.eval(), batch)
+            ref = pr.ref_logps(batch)
+        policy.train()
+
+        lr = cfg.lr * lr_factor(step - 1, cfg.steps, cfg.warmup, schedule="constant")
+        for g in opt.param_groups:
+            g["lr"] = lr
+        for _ in range(cfg.updates_per_step):
+            logps = token_logps(policy, batch)
+            loss, clip_frac, kl = losses.grpo_loss(logps, old, ref, adv, batch.mask, cfg.clip_eps, cfg.kl_coef)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+            opt.step()
+
+        reward = rewards.mean().item()
+        rewards_seen.append(reward)
+        length = batch.mask.sum(1).mean().item()
+        metrics_log.log(step, loss=loss.item(), reward=reward, kl=kl.item(), clip_frac=clip_frac.item(),
+                        reply_len=length, lr=lr)
+        if step % 5 == 0 or step == cfg.steps:
+            print0(step_line(step, cfg.steps, loss=loss.item(), reward=reward, kl=kl.item(),
+                             clip=clip_frac.item(), len=length, dt=time.perf_counter() - t0))
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            acc = accuracy(policy, tok, val, cfg, device)
+            metrics_log.log(step, val_accuracy=acc)
+            print0(f"[grpo] step {step}: held-out accuracy {acc:.3f}")
+
+    acc_after = accuracy(policy, tok, val, cfg, device)
+    metrics_log.log(cfg.steps, val_accuracy=acc_after)
+    metrics_log.close()
+    print0(f"[grpo] held-out exact-answer accuracy {acc_before:.3f} -> {acc_after:.3f} on {len(val)} tasks")
+    pr.save(run.dir / "final")
+    k = max(1, len(rewards_seen) // 5)
+    return run.finish({
+        "val_accuracy": acc_after, "val_accuracy_before": acc_before, "val_tasks": len(val),
+        "train_reward_first": sum(rewards_seen[:k]) / k, "train_reward_last": sum(rewards_seen[-k:]) / k,
+        "final_kl": kl.item(), "lora_r": cfg.lora_r,
+    })
+
+
+if __name__ == "__main__":
+    from ember.cli import module_main
+
+    module_main(__name__)

@@ -1,0 +1,229 @@
+"""What DPO, PPO and GRPO share: prompt/response encoding, per-token log-probs, KV-cache sampling, and the
+policy/reference pair (a LoRA policy's reference is the same model with its adapters disabled, so there is
+no second copy in memory; a fully fine-tuned policy gets a frozen deep copy).
+
+Sequences are right-padded; a response mask (B, L-1) marks the targets that are response tokens.
+Templates: "chat" renders a prompt as user turn(s) of the chat template and ends a response with <|end|>
+(SFT models); "raw" is plain text after <|bos|>, ended by <|eos|> (base models).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ember.tokenizer.chat import render_chat
+
+TEMPLATES = ("chat", "raw")
+
+
+# ---------------------------------------------------------------------------- encoding
+
+
+def encode_prompt(tok, prompt, template: str) -> list[int]:
+    """Prompt ids, ending where the model's reply starts (after <|assistant|> for chat)."""
+    if template == "chat":
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        return render_chat(tok, messages, add_generation_prompt=True)[0]
+    text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
+    return [tok.bos_id] + tok.encode(text)
+
+
+def stop_id(tok, template: str) -> int:
+    """The token that ends a reply: <|end|> closes an assistant turn, <|eos|> a raw document."""
+    return tok.end_id if template == "chat" else tok.eos_id
+
+
+def encode_response(tok, text: str, template: str) -> list[int]:
+    return tok.encode(text) + [stop_id(tok, template)]
+
+
+def decode_response(tok, ids: list[int], template: str) -> str:
+    """Reply text without its stop token (and anything a sampler wrote after it)."""
+    stop = stop_id(tok, template)
+    ids = ids[:ids.index(stop)] if stop in ids else ids
+    return tok.decode(ids)
+
+
+def truncate(prompt: list[int], response: list[int], max_len: int, max_prompt_len: int):
+    """Keep the end of an over-long prompt (the latest turns matter most), then cut the response to fit."""
+    prompt = prompt[-max_prompt_len:]
+    return prompt, response[:max(1, max_len - len(prompt))]
+
+
+@dataclass
+class SeqBatch:
+    """Right-padded prompt+response sequences. ids (B, L); mask (B, L-1) = 1 where targets ids[:, 1:] are
+    response tokens; prompt_lens (B,) and lens (B,) in tokens."""
+    ids: torch.Tensor
+    mask: torch.Tensor
+    prompt_lens: torch.Tensor
+    lens: torch.Tensor
+
+    def to(self, device):
+        return SeqBatch(self.ids.to(device), self.mask.to(device), self.prompt_lens.to(device), self.lens.to(device))
+
+
+def collate(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> SeqBatch:
+    L = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    B = len(prompts)
+    ids = torch.full((B, L), pad_id, dtype=torch.long)
+    mask = torch.zeros(B, L - 1)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        ids[i, :len(p) + len(r)] = torch.tensor(p + r)
+        mask[i, len(p) - 1:len(p) + len(r) - 1] = 1.0  # target at t is token t+1: the response starts at len(p)
+    plen = torch.tensor([len(p) for p in prompts])
+    return SeqBatch(ids, mask, plen, plen + torch.tensor([len(r) for r in responses]))
+
+
+def encode_pairs(tok, pairs: list[dict], template: str, max_len: int, max_prompt_len: int):
+    """Preference pairs -> [(prompt_ids, chosen_ids, rejected_ids)], each side truncated to max_len."""
+    out = []
+    for pair in pairs:
+        p = encode_prompt(tok, pair["prompt"], template)
+        pc, c = truncate(p, encode_response(tok, pair["chosen"], template), max_len, max_prompt_len)
+        _, r = truncate(p, encode_response(tok, pair["rejected"], template), max_len, max_prompt_len)
+        out.append((pc, c, r))
+    return out
+
+
+def collate_pairs(encoded, pad_id: int) -> SeqBatch:
+    """B encoded pairs -> one batch of 2B rows: the B chosen sequences, then the B rejected ones."""
+    prompts = [p for p, _, _ in encoded] * 2
+    return collate(prompts, [c for _, c, _ in encoded] + [r for _, _, r in encoded], pad_id)
+
+
+# ---------------------------------------------------------------------------- log-probs
+
+
+def token_logps(model: nn.Module, batch: SeqBatch, return_entropy: bool = False):
+    """log pi(token) for every target of the batch (B, L-1), 0 off the response mask; with entropy (B, L-1)."""
+    from ember.model.gpt import token_logprobs
+
+    logits = model(batch.ids[:, :-1])  # (B, L-1, V)
+    targets = batch.ids[:, 1:].masked_fill(batch.mask == 0, -100)
+    logps = token_logprobs(logits, targets) * batch.mask
+    if not return_entropy:
+        return logps
+    from ember.align.losses import entropy_from_logits
+
+    with torch.no_grad():
+        ent = entropy_from_logits(logits)
+    return logps, ent
+
+
+# ---------------------------------------------------------------------------- sampling
+
+
+@torch.no_grad()
+def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, stop: int,
+             temperature: float = 1.0, top_k: int = 0, batch_size: int = 64,
+             generator: torch.Generator | None = None) -> list[list[int]]:
+    """Sample a reply for each prompt with the KV cache; each reply ends at its first `stop` token (kept)
+    or after max_new_tokens. Prompts of equal length decode together (the cache has one position for the
+    whole batch, so rows must be aligned), up to batch_size rows at a time. temperature 0 = greedy."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out: list[list[int] | None] = [None] * len(prompts)
+    by_len: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_len.setdefault(len(p), []).append(i)
+    for plen, rows in sorted(by_len.items()):
+        for s in range(0, len(rows), batch_size):
+            chunk = rows[s:s + batch_size]
+            idx = torch.tensor([prompts[i] for i in chunk], device=device)  # (b, plen)
+            cache = model.new_cache(len(chunk), max_len=plen + max_new_tokens)
+            logits = model(idx, cache=cache)[:, -1]  # (b, V)
+            tokens = torch.empty(len(chunk), 0, dtype=torch.long, device=device)
+            done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
+            for t in range(max_new_tokens):
+                nxt = sample(logits, temperature, top_k, generator)  # (b,)
+                tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+                done |= nxt == stop
+                if bool(done.all()) or t == max_new_tokens - 1:
+                    break
+                logits = model(nxt[:, None], cache=cache)[:, -1]
+            for j, i in enumerate(chunk):
+                row = tokens[j].tolist()
+                out[i] = row[:row.index(stop) + 1] if stop in row else row
+    model.train(was_training)
+    return out  # type: ignore[return-value]
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int, generator=None) -> torch.Tensor:
+    """One token per row from logits (b, V): greedy at temperature 0, else softmax(logits / T) over the
+    top_k (0 = all). The generator (on the logits' device) makes rollouts reproducible."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
+
+
+# ---------------------------------------------------------------------------- policy and reference
+
+
+def load_lm(path: str | Path, device) -> nn.Module:
+    from ember.common.checkpoint import load_model
+
+    return load_model(path, device)
+
+
+class PolicyWithReference:
+    """The trained policy and its frozen reference. LoRA (lora_r > 0): adapters on `targets`, reference =
+    the same module with adapters disabled. Full fine-tuning: reference = a frozen copy (2x weights)."""
+
+    def __init__(self, model: nn.Module, lora_r: int, lora_alpha: float, lora_targets: list[str]):
+        self.model, self.lora = model, lora_r > 0
+        if self.lora:
+            from ember.model import lora
+
+            lora.apply_lora(model, lora_targets, lora_r, lora_alpha, 0.0)  # freezes the base; no dropout: ratios start at 1
+            self.reference = None
+        else:
+            self.reference = copy.deepcopy(model).requires_grad_(False).eval()
+
+    @contextlib.contextmanager
+    def as_reference(self):
+        """Yields the reference model (the policy with adapters off, for LoRA)."""
+        if self.reference is not None:
+            yield self.reference
+            return
+        from ember.model import lora
+
+        was_training = self.model.training
+        self.model.eval()
+        with lora.lora_disabled(self.model):
+            yield self.model
+        self.model.train(was_training)
+
+    @torch.no_grad()
+    def ref_logps(self, batch: SeqBatch) -> torch.Tensor:
+        with self.as_reference() as ref:
+            return token_logps(ref, batch)
+
+    def trainable(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def save(self, folder: Path) -> None:
+        """The policy as a plain model (LoRA merged into the weights, so any stage can load it) plus,
+        for LoRA, the adapter weights alone in adapter.safetensors."""
+        from ember.common.checkpoint import save_model
+
+        model = self.model
+        if self.lora:
+            from ember.model import lora
+
+            lora.save_adapter(folder, model)
+            model = lora.merge_lora(copy.deepcopy(model))
+        save_model(folder, model)
+
+
