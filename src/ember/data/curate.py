@@ -30,7 +30,7 @@ from ember.common.config import require
 from ember.common.errors import UserError
 from ember.common.log import print0, progress
 from ember.data import provenance
-from ember.data.dedup import MinHasher, content_hash, near_duplicate_roots
+from ember.data.dedup import MinHasher, content_hash, near_duplicate_roots, set_jaccard
 from ember.data.documents import read_shard, shard_paths, write_shard
 from ember.data.filters import GLOBAL_STEPS, PER_DOC_STEPS, STOPWORDS, TextSteps
 from ember.data.pii import KINDS as PII_KINDS
@@ -79,8 +79,8 @@ class Config:
     optout: str = ""  # sources whose owners opted out (same matching as blocklist); needed by the optout step
     # dedup
     minhash_ngram: int = 5  # words per shingle for near-dedup
-    minhash_perms: int = 128  # MinHash permutations: estimate standard error sqrt(J(1-J)/perms), 0.035 at J=0.8
-    lsh_bands: int = 20  # LSH bands (rows = perms // bands); 20x6 finds 99.8% of pairs at J=0.8 before verification
+    minhash_perms: int = 128  # MinHash permutations per signature (more: sharper LSH, more time and memory)
+    lsh_bands: int = 20  # LSH bands (rows = perms // bands); 20x6 makes 99.8% of pairs at J=0.8 candidates (then verified exactly)
     jaccard: float = 0.8  # near-duplicate threshold on word-shingle Jaccard similarity
     # decontamination
     eval_sets: list[str] = field(default_factory=list)  # evaluation files/folders (.jsonl .json .csv .txt, .gz ok)
@@ -188,8 +188,8 @@ _STATE: dict = {}  # per process: the built steps (word lists, eval index) and t
 
 
 def _init(cfg: Config) -> None:
-    if _STATE.get("cfg") != cfg:  # already built when the worker was forked from the parent
-        _STATE.update(cfg=cfg, steps=TextSteps(cfg), hasher=MinHasher(cfg.minhash_perms, cfg.minhash_ngram))
+    """Build the steps (reads word lists and eval sets afresh: they may have changed since the last run)."""
+    _STATE.update(cfg=cfg, steps=TextSteps(cfg), hasher=MinHasher(cfg.minhash_perms, cfg.minhash_ngram))
 
 
 def _work(unit: tuple[int, int, list[dict], str]) -> tuple[int, int]:
@@ -212,15 +212,17 @@ def _work(unit: tuple[int, int, list[dict], str]) -> tuple[int, int]:
     pii = steps.pii_counts
     stats["pii"] = dict(pii)
     pii.clear()
-    sigs = {}
-    if "near_dedup" in cfg.steps:
-        sigs = dict(zip((id(d) for d in kept), _STATE["hasher"].signatures([d["text"] for d in kept])))
+    sigs, shingles = {}, {}
+    if "near_dedup" in cfg.steps:  # the shingle set is kept too: candidate pairs are verified exactly
+        shingles = {id(d): _STATE["hasher"].shingles(d["text"]) for d in kept}
+        sigs = dict(zip(shingles, _STATE["hasher"].sign(list(shingles.values()))))
     table = pa.table({
         "id": [d["id"] for d in docs], "text": [d["text"] for d in docs], "source": [d["source"] for d in docs],
         "meta": [json.dumps(d["meta"], ensure_ascii=False, sort_keys=True) for d in docs],
         "dropped": [bool(d["meta"].get("reject_step")) for d in docs],
         "hash": [None if d["meta"].get("reject_step") else content_hash(d["text"]) for d in docs],
         "sig": [sigs[id(d)].tobytes() if id(d) in sigs else None for d in docs],
+        "shingles": [shingles[id(d)].tobytes() if id(d) in shingles else None for d in docs],
         "bytes": [len(d["text"].encode("utf-8")) for d in docs],
     }).replace_schema_metadata({"stats": json.dumps(stats)})
     with artifacts.atomic_path(part) as tmp:
@@ -234,8 +236,10 @@ def _run_batches(cfg: Config, src: str, work: Path) -> list[int]:
     _init(cfg)  # built once here; forked workers inherit it (word lists, eval index) without rebuilding
     pool = None
     if nproc > 1:
-        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-        pool = mp.get_context(method).Pool(nproc, initializer=_init, initargs=(cfg,))
+        if "fork" in mp.get_all_start_methods():
+            pool = mp.get_context("fork").Pool(nproc)
+        else:  # spawned workers start empty and build their own
+            pool = mp.get_context("spawn").Pool(nproc, initializer=_init, initargs=(cfg,))
     shards = []
     try:
         for i, load in _input_shards(src):
@@ -294,17 +298,33 @@ def _dedup(cfg: Config, work: Path, shards: list[int], stats: dict) -> tuple[dic
         alive = [k for k in alive if k not in drop]
     if "near_dedup" in cfg.steps and alive:
         sig = np.frombuffer(b"".join(sigs[k] for k in alive), np.uint32).reshape(len(alive), cfg.minhash_perms)
-        roots, pairs, est = near_duplicate_roots(sig, cfg.lsh_bands, cfg.jaccard)
+        roots, pairs, sim = near_duplicate_roots(sig, cfg.lsh_bands, cfg.jaccard,
+                                                 similarity=lambda p: _exact_jaccard(work, shards, alive, p))
         sizes = np.bincount(roots, minlength=len(alive))
         root_of = [alive[r] for r in roots.tolist()]
         for k, r, local in zip(alive, root_of, roots.tolist()):
             if r != k:
-                drop[k] = ("near_dedup", f"near_duplicate: of {ids[r]} (cluster of {sizes[local]}, "
-                                         f"MinHash Jaccard ~>= {cfg.jaccard})")
+                drop[k] = ("near_dedup", f"near_duplicate: of {ids[r]} (cluster of {sizes[local]} with "
+                                         f"{cfg.minhash_ngram}-gram Jaccard >= {cfg.jaccard})")
         stats["clusters"]["near"] = provenance.cluster_stats(alive, root_of, ids)
-        stats["clusters"]["near"]["mean_pair_jaccard"] = round(float(est.mean()), 4) if len(est) else None
+        stats["clusters"]["near"]["mean_pair_jaccard"] = round(float(sim.mean()), 4) if len(sim) else None
         stats["steps"]["near_dedup"] = _step_counts(alive, nbytes, drop)
     return drop, starts
+
+
+def _exact_jaccard(work: Path, shards: list[int], alive: list[int], pairs: np.ndarray) -> np.ndarray:
+    """Exact shingle-set Jaccard of candidate pairs (indices into `alive`), reading only the sets they need."""
+    need = {alive[k] for k in np.unique(pairs).tolist()}
+    sets, k = {}, 0
+    for shard in shards:
+        for part in _parts(work, shard):
+            t = pq.read_table(part, columns=["dropped", "shingles"]).to_pydict()
+            for gone, blob in zip(t["dropped"], t["shingles"]):
+                if not gone:
+                    if k in need:
+                        sets[k] = np.frombuffer(blob, np.uint32)
+                    k += 1
+    return np.array([set_jaccard(sets[alive[i]], sets[alive[j]]) for i, j in pairs.tolist()])
 
 
 def _step_counts(alive: list[int], nbytes: list[int], drop: dict) -> list[int]:

@@ -4,7 +4,8 @@ Words are lowercased `\\w+` runs hashed with crc32; n-grams are rolling 64-bit h
 MinHash uses multiply-add-shift hashing (Dietzfelbinger 1996): h(x) = ((a*x + b) mod 2^64) >> 32 is strongly
 universal for 32-bit x, so one signature row is a single uint64 multiply-add and a min per permutation.
 LSH (Leskovec et al., Mining of Massive Datasets ch. 3) bands the signature; candidate pairs are verified
-on the signature's Jaccard estimate and merged with union-find, keeping the first document of a cluster.
+(exact Jaccard of the shingle sets, or the signature estimate) and merged with union-find, keeping the
+first document of a cluster.
 """
 
 from __future__ import annotations
@@ -14,11 +15,10 @@ import gzip
 import hashlib
 import io
 import json
-import math
 import re
 import zlib
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -98,15 +98,18 @@ class MinHasher:
         self.b = rng.integers(0, 2**63, num_perm, dtype=np.uint64) * np.uint64(2)
 
     def shingles(self, text: str) -> np.ndarray:
-        """The document's n-gram hashes folded to 32 bits (x < 2^32 is what multiply-shift needs)."""
-        return ngram_hashes(word_hashes(text), self.ngram) & np.uint64(0xFFFFFFFF)
+        """The document's n-gram set: sorted unique hashes folded to uint32 (multiply-shift needs x < 2^32)."""
+        return sorted_unique((ngram_hashes(word_hashes(text), self.ngram) & np.uint64(0xFFFFFFFF)).astype(np.uint32))
 
     def signatures(self, texts: list[str], chunk: int = 1 << 22) -> np.ndarray:
         """(len(texts), num_perm) uint32; a text without words gets all 0xFFFFFFFF (it matches no bucket)."""
-        sig = np.full((len(texts), self.num_perm), 0xFFFFFFFF, np.uint32)
-        shingles = [self.shingles(t) for t in texts]
+        return self.sign([self.shingles(t) for t in texts], chunk)
+
+    def sign(self, shingles: list[np.ndarray], chunk: int = 1 << 22) -> np.ndarray:
+        """Signatures of shingle sets; documents are grouped so one (shingles, permutation block) product
+        stays under `chunk` uint64 elements."""
+        sig = np.full((len(shingles), self.num_perm), 0xFFFFFFFF, np.uint32)
         rows = [i for i, s in enumerate(shingles) if len(s)]
-        # Group documents so one (shingles, perm block) product stays under `chunk` elements (8 bytes each).
         start = 0
         while start < len(rows):
             stop, total = start, 0
@@ -114,7 +117,7 @@ class MinHasher:
                 total += len(shingles[rows[stop]])
                 stop += 1
             group = rows[start:stop]
-            x = np.concatenate([shingles[i] for i in group])  # (N,)
+            x = np.concatenate([shingles[i] for i in group]).astype(np.uint64)  # (N,)
             offsets = np.cumsum([0] + [len(shingles[i]) for i in group[:-1]])
             block = max(1, min(self.num_perm, chunk // max(len(x), 1)))
             for p in range(0, self.num_perm, block):
@@ -123,6 +126,19 @@ class MinHasher:
                 sig[group, p:p + block] = (np.minimum.reduceat(h, offsets, axis=0) >> np.uint64(32)).astype(np.uint32)
             start = stop
         return sig
+
+
+def sorted_unique(x: np.ndarray) -> np.ndarray:
+    """np.unique by sorting (numpy 2's hash-based unique was ~10x slower on large uint arrays here)."""
+    x = np.sort(x)
+    return x[np.concatenate([[True], x[1:] != x[:-1]])] if len(x) else x
+
+
+def set_jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """Jaccard of two sorted unique arrays (shingle sets)."""
+    inter = len(np.intersect1d(a, b, assume_unique=True))
+    union = len(a) + len(b) - inter
+    return inter / union if union else 1.0
 
 
 def jaccard(a: str, b: str, ngram: int) -> float:
@@ -136,10 +152,11 @@ def jaccard(a: str, b: str, ngram: int) -> float:
 
 # ---------------------------------------------------------------------------- LSH + union-find
 
-def lsh_candidates(sig: np.ndarray, bands: int) -> np.ndarray:
+def lsh_candidates(sig: np.ndarray, bands: int, max_bucket: int = 32) -> np.ndarray:
     """Pairs (i, j), i < j, sharing at least one band bucket; (P, 2) int64, unique, sorted.
 
-    Each bucket is reported as a star from its first member, which is enough for connected components.
+    A bucket of up to max_bucket documents gives all its pairs; a larger one (a big family of copies) gives
+    a star from its first member, which keeps the pair count linear and still connects the family.
     """
     n, num_perm = sig.shape
     rows = num_perm // bands
@@ -154,10 +171,15 @@ def lsh_candidates(sig: np.ndarray, bands: int) -> np.ndarray:
         sk = key[order]
         new = np.ones(len(sk), bool)
         new[1:] = sk[1:] != sk[:-1]
-        head = np.maximum.accumulate(np.where(new, np.arange(len(sk)), 0))  # position of each run's first member
-        dup = ~new
-        if dup.any():
-            pairs.append(np.stack([valid[order[head[dup]]], valid[order[dup]]], axis=1))
+        starts = np.flatnonzero(new)
+        sizes = np.diff(np.append(starts, len(sk)))
+        for s, size in zip(starts[sizes > 1].tolist(), sizes[sizes > 1].tolist()):
+            members = valid[order[s:s + size]]
+            if size <= max_bucket:
+                i, j = np.triu_indices(size, 1)
+                pairs.append(np.stack([members[i], members[j]], axis=1))
+            else:
+                pairs.append(np.stack([np.full(size - 1, members[0]), members[1:]], axis=1))
     if not pairs:
         return np.zeros((0, 2), np.int64)
     p = np.concatenate(pairs).astype(np.int64)
@@ -196,28 +218,21 @@ class UnionFind:
         return np.array([self.find(i) for i in range(len(self.parent))], dtype=np.int64)
 
 
-def verify_threshold(threshold: float, num_perm: int) -> float:
-    """Accept a candidate when its estimate is within 2 standard errors below the threshold.
+def near_duplicate_roots(sig: np.ndarray, bands: int, threshold: float,
+                         similarity: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cluster documents: LSH candidates, verified by `similarity(pairs) -> (P,)` (default: the signature
+    estimate, whose standard error sqrt(J(1-J)/P) is 0.035 at J=0.8 with 128 permutations; the curate stage
+    passes exact Jaccard of the stored shingle sets), merged with union-find.
 
-    The estimate of J from P permutations has standard error sqrt(J(1-J)/P) (0.035 at J=0.8, P=128); a
-    strict cut would lose about half of the true pairs sitting right at the threshold.
-    """
-    return threshold - 2 * math.sqrt(threshold * (1 - threshold) / num_perm)
-
-
-def near_duplicate_roots(sig: np.ndarray, bands: int, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Cluster documents by MinHash similarity.
-
-    Returns (root (n,) int64: the cluster's first member per document, accepted pairs (P, 2),
-    their estimated Jaccard (P,)).
+    Returns (root (n,) int64: the cluster's first member per document, merged pairs (P, 2), their Jaccard (P,)).
     """
     cand = lsh_candidates(sig, bands)
-    est = estimate_jaccard(sig, cand)
-    keep = est >= verify_threshold(threshold, sig.shape[1])
+    sim = similarity(cand) if similarity is not None else estimate_jaccard(sig, cand)
+    keep = sim >= threshold
     uf = UnionFind(len(sig))
     for i, j in cand[keep].tolist():
         uf.union(i, j)
-    return uf.roots(), cand[keep], est[keep]
+    return uf.roots(), cand[keep], sim[keep]
 
 
 # ---------------------------------------------------------------------------- decontamination
@@ -235,8 +250,8 @@ def _strings(obj) -> list[str]:
 def eval_items(path: str | Path) -> list[str]:
     """Texts of an evaluation set: .jsonl/.json(.gz) records, headerless .csv rows (MMLU), .txt lines.
 
-    A record gives its string fields joined (question, choices, answer), so an n-gram spanning a question and
-    its options is caught too. A folder gives all such files under it.
+    A record gives its string fields joined (question, choices, answer; not labels and ids), so an n-gram
+    spanning a question and its options is caught too. A folder gives all such files under it.
     """
     path = Path(path)
     if path.is_dir():
@@ -269,7 +284,14 @@ def eval_items(path: str | Path) -> list[str]:
         records = [row for row in csv.reader(io.StringIO(text))]
     else:
         records = [[line] for line in text.splitlines() if line.strip()]
-    return [" ".join(fields) for fields in records if fields]
+    return [" ".join(f for f in fields if not _label(f)) for fields in records if fields]
+
+
+def _label(field: str) -> bool:
+    """A choice label, id or answer key ("B", "2", "Mercury_7175875"): left out of a record's joined text,
+    since a document quoting a question and its options rarely carries the dataset's labels between them."""
+    w = _WORD.findall(field)
+    return len(w) == 1 and (len(w[0]) <= 2 or any(c.isdigit() or c == "_" for c in w[0]))
 
 
 def _kind(path: Path) -> str | None:

@@ -26,22 +26,28 @@ def new_stats() -> dict:
 
 
 def _source(stats: dict, doc: dict) -> dict:
-    return stats["sources"].setdefault(doc.get("source") or "(none)",
-                                       {"docs_in": 0, "bytes_in": 0, "docs_out": 0, "bytes_out": 0, "licenses": {}})
+    return stats["sources"].setdefault(doc.get("source") or "(none)", {
+        "docs_in": 0, "bytes_in": 0, "docs_out": 0, "bytes_out": 0, "licenses_in": {}, "licenses": {}})
+
+
+def _license(s: dict, key: str, doc: dict) -> None:
+    lic = str((doc.get("meta") or {}).get("license") or "unknown")
+    s[key][lic] = s[key].get(lic, 0) + 1
 
 
 def count_input(stats: dict, doc: dict) -> None:
     s = _source(stats, doc)
     s["docs_in"] += 1
     s["bytes_in"] += len(doc["text"].encode("utf-8"))
-    lic = str((doc.get("meta") or {}).get("license") or "unknown")
-    s["licenses"][lic] = s["licenses"].get(lic, 0) + 1
+    _license(s, "licenses_in", doc)
 
 
 def count_output(stats: dict, doc: dict) -> None:
+    """A kept document: its license counts under "licenses" (what a model trained on the output has seen)."""
     s = _source(stats, doc)
     s["docs_out"] += 1
     s["bytes_out"] += len(doc["text"].encode("utf-8"))
+    _license(s, "licenses", doc)
     date = (doc.get("meta") or {}).get("date")
     if date is not None:
         date = str(date)
@@ -143,7 +149,7 @@ def render(card: dict) -> str:
            f"its step and reason.", "",
            f"**Knowledge cutoff** (latest document date): {card['knowledge_cutoff'] or 'unknown (no meta.date)'}; "
            f"earliest: {card['earliest_date'] or 'unknown'}.", "",
-           "## Sources and licenses", "", "| source | licenses (docs) | docs in | MB in | docs out | MB out |",
+           "## Sources and licenses", "", "| source | licenses of kept docs (docs) | docs in | MB in | docs out | MB out |",
            "|---|---|---:|---:|---:|---:|"]
     for s in card["sources"]:
         lic = ", ".join(f"{k} ({v})" for k, v in sorted(s["licenses"].items()))
