@@ -32,6 +32,9 @@ STAGES: dict[str, tuple[str, str]] = {
     "pretrain": ("ember.pretrain.train", "pretrain or mid-train the GPT on token shards"),
     "sample": ("ember.pretrain.sample", "generate text from a checkpoint"),
     "serve": ("ember.serve.server", "OpenAI-compatible HTTP API and chat page for a model (127.0.0.1)"),
+    "eval": ("ember.eval.harness", "benchmarks, perplexity and code pass@k on a checkpoint, with intervals and contamination"),
+    "arena": ("ember.eval.arena", "Bradley-Terry / Elo ratings from pairwise votes or an LLM judge"),
+    "card": ("ember.eval.card", "write the model card from the run's lineage and eval results"),
     "pipeline": ("ember.pipeline", "run the stages in order, skipping finished ones"),
 }
 
