@@ -1,0 +1,254 @@
+"""GGUF (llama.cpp's format) export and import for dense ember models, via the `gguf` package.
+
+    export_gguf(model, "out/model.gguf", tokenizer)          # llama arch, f32 or f16, tokenizer in the metadata
+    model, tok = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")  # any llama GGUF, quantized ones dequantized
+
+Written the way llama.cpp's convert_hf_to_gguf.py writes a Llama: tensor names token_embd / blk.N.attn_q /
+... / output, (out, in) weights, norms in f32, and the q/k rows PERMUTED to Meta's interleaved RoPE layout
+(llama.cpp rotates adjacent pairs; ember, like HF, rotates halves), undone on import. Tokenizers: ember's
+byte-level BPE as tokenizer.ggml.model "gpt2" (+ the exact tokenizer.json under "ember.tokenizer_json"),
+SentencePiece-style vocabularies (llama2.c) as "llama" with scores.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ember.common import artifacts
+from ember.common.errors import UserError
+from ember.model.gpt import GPT, GPTConfig, build_model
+from ember.model.llama2c import Llama2cTokenizer, hf_to_meta, meta_to_hf
+
+# ember parameter name (per layer: "layers.{i}." + suffix) -> GGUF tensor name
+LAYER_NAMES = {"attn_norm.weight": "attn_norm", "attn.q_proj.weight": "attn_q", "attn.k_proj.weight": "attn_k",
+               "attn.v_proj.weight": "attn_v", "attn.o_proj.weight": "attn_output", "mlp_norm.weight": "ffn_norm",
+               "mlp.gate_proj.weight": "ffn_gate", "mlp.up_proj.weight": "ffn_up", "mlp.down_proj.weight": "ffn_down"}
+TOP_NAMES = {"tok_emb.weight": "token_embd", "norm.weight": "output_norm", "lm_head.weight": "output"}
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise UserError("GGUF needs the `gguf` package: pip install gguf (it is in ember's dev extra)") from None
+    return gguf
+
+
+def gguf_name(name: str) -> str:
+    if name in TOP_NAMES:
+        return TOP_NAMES[name] + ".weight"
+    _, i, rest = name.split(".", 2)
+    return f"blk.{i}.{LAYER_NAMES[rest]}.weight"
+
+
+def to_gguf_tensors(model: GPT) -> dict[str, np.ndarray]:
+    """GGUF name -> fp32 numpy array in (out, in) layout, q/k permuted for llama.cpp's RoPE."""
+    c, out = model.config, {}
+    for name, t in model.state_dict().items():
+        t = t.detach().float().cpu()
+        if name.endswith("q_proj.weight"):
+            t = hf_to_meta(t, c.n_head)
+        elif name.endswith("k_proj.weight"):
+            t = hf_to_meta(t, c.n_kv_head)
+        out[gguf_name(name)] = t.numpy()
+    return out
+
+
+# ---------------------------------------------------------------------------- export
+
+def export_gguf(model: GPT, path: str | Path, tokenizer=None, *, dtype: str = "f32", name: str = "ember") -> Path:
+    """Write `model` (+ tokenizer: ember's Tokenizer or a Llama2cTokenizer) as one GGUF file, atomically.
+    dtype: "f32" or "f16" for the matrices (norm gains stay f32, as llama.cpp keeps them)."""
+    gguf = _gguf()
+    c = model.config
+    if c.n_expert or c.qk_norm:
+        raise UserError("GGUF export covers dense Llama-style models; MoE and QK-norm models are not supported "
+                        "(export them with `ember export --format=hf` instead)")
+    if dtype not in ("f32", "f16"):
+        raise UserError(f"GGUF dtype {dtype!r}: use f32 or f16")
+    path = Path(path)
+    with artifacts.atomic_path(path) as tmp:
+        w = gguf.GGUFWriter(str(tmp), "llama")
+        w.add_name(name)
+        w.add_context_length(c.max_seq_len)
+        w.add_embedding_length(c.n_embd)
+        w.add_block_count(c.n_layer)
+        w.add_feed_forward_length(c.ffn_dim)
+        w.add_head_count(c.n_head)
+        w.add_head_count_kv(c.n_kv_head)
+        w.add_rope_dimension_count(c.head_dim)
+        w.add_rope_freq_base(c.rope_theta)
+        w.add_layer_norm_rms_eps(c.norm_eps)
+        w.add_vocab_size(c.vocab_size)
+        w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
+        if tokenizer is not None:
+            _write_tokenizer(w, gguf, tokenizer, c.vocab_size)
+        for tname, arr in to_gguf_tensors(model).items():
+            w.add_tensor(tname, arr.astype(np.float16) if dtype == "f16" and arr.ndim == 2 else arr)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    return path
+
+
+def _write_tokenizer(w, gguf, tok, vocab_size: int) -> None:
+    T = gguf.TokenType
+    if isinstance(tok, Llama2cTokenizer):
+        tokens, scores, types = [], [], []
+        for i, p in enumerate(tok.pieces):
+            tokens.append(p.decode("utf-8", "replace").replace(" ", "\u2581"))  # SentencePiece writes spaces as ▁
+            scores.append(float(tok.scores[i]))
+            types.append(T.UNKNOWN if i == tok.unk_id else T.CONTROL if i in (tok.bos_id, tok.eos_id)
+                         else T.BYTE if i in tok.byte_of else T.NORMAL)
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_unk_token_id(tok.unk_id)
+    else:  # ember's byte-level BPE (an HF tokenizers.Tokenizer inside)
+        hf = tok.hf
+        vocab = hf.get_vocab(with_added_tokens=True)
+        special = {t.content for t in hf.get_added_tokens_decoder().values() if t.special}
+        by_id = {i: t for t, i in vocab.items()}
+        tokens = [by_id.get(i, f"<|unused_{i}|>") for i in range(max(vocab.values()) + 1)]
+        types = [T.CONTROL if t in special else T.UNUSED if i not in by_id else T.NORMAL for i, t in enumerate(tokens)]
+        scores = None
+        merges = json.loads(hf.to_str())["model"].get("merges", [])
+        w.add_tokenizer_model("gpt2")
+        # llama.cpp's "llama-bpe" pre-tokenizer is the GPT-4-style split regex ember's tokenizer trains with
+        w.add_tokenizer_pre("llama-bpe")
+        w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+        w.add_string("ember.tokenizer_json", hf.to_str())  # exact round trip into ember
+        if hasattr(tok, "pad_id"):
+            w.add_pad_token_id(tok.pad_id)
+        if hasattr(tok, "end_id"):
+            w.add_eot_token_id(tok.end_id)
+            from ember.tokenizer.chat import CHAT_TEMPLATE
+
+            w.add_chat_template(CHAT_TEMPLATE)
+    # llama.cpp wants one token per embedding row: pad a tokenizer smaller than the (rounded-up) vocabulary
+    for i in range(len(tokens), vocab_size):
+        tokens.append(f"<|unused_{i}|>")
+        types.append(T.UNUSED)
+        if scores is not None:
+            scores.append(-1e9)
+    w.add_token_list(tokens)
+    w.add_token_types([int(t) for t in types])
+    if scores is not None:
+        w.add_token_scores(scores)
+    w.add_bos_token_id(tok.bos_id)
+    w.add_eos_token_id(tok.eos_id)
+
+
+# ---------------------------------------------------------------------------- import
+
+def read_gguf(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """(metadata key -> value, tensor name -> fp32 numpy array in (out, in) layout); quantized tensors
+    (Q4_1, Q8_0, ...) are dequantized by the gguf package."""
+    gguf = _gguf()
+    from gguf.quants import dequantize
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no GGUF file at {path}")
+    try:
+        r = gguf.GGUFReader(str(path))
+    except (ValueError, OSError, KeyError, IndexError) as e:
+        raise UserError(f"{path}: not a readable GGUF file ({e})") from None
+    meta = {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
+    tensors = {}
+    for t in r.tensors:
+        shape = [int(x) for x in reversed(t.shape)]  # GGUF lists dims innermost first
+        tensors[t.name] = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+    return meta, tensors
+
+
+def load_gguf(path: str | Path, device: torch.device | str = "cpu"):
+    """A llama-architecture GGUF as (ember GPT in fp32, tokenizer or None)."""
+    meta, tensors = read_gguf(path)
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise UserError(f"{path}: architecture {arch!r}; ember reads llama GGUFs only")
+    get = lambda k, default=None: meta.get(f"llama.{k}", default)
+    f32 = lambda x: float(f"{float(x):.7g}")  # GGUF stores floats in fp32: 1e-6 comes back 9.99999997e-07
+    n_embd, n_head = int(get("embedding_length")), int(get("attention.head_count"))
+    emb = tensors["token_embd.weight"]
+    config = GPTConfig(vocab_size=emb.shape[0], n_layer=int(get("block_count")), n_head=n_head,
+                       n_kv_head=int(get("attention.head_count_kv", n_head)), n_embd=n_embd,
+                       ffn_hidden=int(get("feed_forward_length")), max_seq_len=int(get("context_length", 2048)),
+                       rope_theta=f32(get("rope.freq_base", 10000.0)),
+                       norm_eps=f32(get("attention.layer_norm_rms_epsilon", 1e-5)),
+                       tie_embeddings="output.weight" not in tensors)
+    model = build_model(config, device, init=False)
+    state = {}
+    for name, ref in model.state_dict().items():
+        g = gguf_name(name)
+        if g not in tensors:
+            raise UserError(f"{path}: tensor {g} is missing; not a plain llama GGUF")
+        t = torch.from_numpy(np.array(tensors[g]))  # a copy: the reader maps the file read-only
+        if name.endswith("q_proj.weight"):
+            t = meta_to_hf(t, config.n_head)
+        elif name.endswith("k_proj.weight"):
+            t = meta_to_hf(t, config.n_kv_head)
+        if t.shape != ref.shape:
+            raise UserError(f"{path}: {g} has shape {tuple(t.shape)}, the metadata implies {tuple(ref.shape)}")
+        state[name] = t
+    model.load_state_dict(state)
+    return model.eval(), gguf_tokenizer(meta)
+
+
+def gguf_tokenizer(meta: dict):
+    """The tokenizer stored in GGUF metadata: ember's exact tokenizer.json when present, a SentencePiece-style
+    tokenizer for model "llama", a byte-level BPE rebuilt from tokens + merges for "gpt2"; None if absent."""
+    kind = meta.get("tokenizer.ggml.model")
+    if kind is None:
+        return None
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from ember.serve.models import HFTextTokenizer
+
+    bos, eos = meta.get("tokenizer.ggml.bos_token_id"), meta.get("tokenizer.ggml.eos_token_id")
+    if "ember.tokenizer_json" in meta:
+        from ember.tokenizer.special import Tokenizer
+
+        hf = HFTokenizer.from_str(meta["ember.tokenizer_json"])
+        try:
+            return Tokenizer(hf)
+        except UserError:
+            return HFTextTokenizer(hf, bos, eos)
+    tokens = meta["tokenizer.ggml.tokens"]
+    if kind == "llama":
+        scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+        types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        pieces = [t.replace("\u2581", " ").encode() for t in tokens]
+        tok = Llama2cTokenizer(pieces, [float(s) for s in scores])
+        tok.unk_id = meta.get("tokenizer.ggml.unknown_token_id", 0)
+        tok.bos_id, tok.eos_id = bos if bos is not None else 1, eos if eos is not None else 2
+        tok.stop_ids = (tok.bos_id, tok.eos_id)
+        return tok
+    if kind != "gpt2":
+        raise UserError(f"GGUF tokenizer model {kind!r} is not supported (llama, gpt2 are)")
+    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    if pre == "smollm":  # SmolLM2: each digit alone, then GPT-2's byte-level regex
+        pre_tok = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level]}
+    elif pre == "llama-bpe":
+        from ember.tokenizer.train import SPLIT_PATTERN
+
+        pre_tok = {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": SPLIT_PATTERN}, "behavior": "Isolated", "invert": False},
+            {**byte_level, "use_regex": False}]}
+    else:
+        pre_tok = byte_level
+    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+              "special": True} for i, t in enumerate(tokens) if types[i] == 3]
+    spec = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+            "pre_tokenizer": pre_tok, "post_processor": None, "decoder": {**byte_level, "add_prefix_space": True},
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                      "vocab": {t: i for i, t in enumerate(tokens)}, "merges": list(meta.get("tokenizer.ggml.merges", []))}}
+    return HFTextTokenizer(HFTokenizer.from_str(json.dumps(spec)), bos, eos)

