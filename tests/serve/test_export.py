@@ -1,0 +1,58 @@
+"""`ember export`: a run's checkpoint becomes an HF folder that transformers loads with the same logits and
+greedy text as ember's engine, and a GGUF that reads back equal; the stage caches and fails clearly."""
+
+import pytest
+import torch
+
+from ember.common.errors import UserError
+from ember.model.gpt import GPTConfig, build_model
+from ember.serve.engine import Engine, SamplingParams
+from ember.serve.export import Config, main
+
+pytest.importorskip("gguf", reason="the gguf package is in the dev extra")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run folder with a tokenizer and a (random) pretrain/final checkpoint, as the pipeline leaves them."""
+    from ember.common.checkpoint import save_model
+    from ember.tokenizer.train import save, train_tokenizer
+
+    run = tmp_path_factory.mktemp("run")
+    tok = train_tokenizer(["hello world, this is ember. " * 5, "def f(x):\n    return x + 1\n" * 3], 290, 1)
+    save(tok, run / "tokenizer")
+    torch.manual_seed(0)
+    model = build_model(GPTConfig(vocab_size=320, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, max_seq_len=64), "cpu")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)  # peaked next-token distributions: greedy text is not a coin toss
+    save_model(run / "pretrain" / "final", model)
+    return run, model, tok
+
+
+def test_export_both_and_transformers_parity(run_dir):
+    transformers = pytest.importorskip("transformers")
+    run, model, tok = run_dir
+    metrics = main(Config(run=str(run)))
+    assert metrics["hf_max_abs_diff"] == 0.0 and metrics["gguf_max_abs_diff"] == 0.0 and metrics["gguf_bytes"] > 0
+    hf_dir = run / "export" / "hf"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    text = "hello world"
+    ids = [tok.bos_id] + tok.encode(text)
+    assert hf_tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model(x), rtol=1e-4, atol=1e-4)
+        out = hf.generate(x, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=tok.pad_id)
+    ours = Engine(model, tok).generate([ids], SamplingParams(max_tokens=20, temperature=0))[0]
+    assert out[0, len(ids):].tolist() == ours.tokens
+    assert main(Config(run=str(run))) == metrics  # a finished export with the same inputs is cached
+
+
+def test_export_gguf_f16_and_errors(run_dir, tmp_path):
+    run, *_ = run_dir
+    m = main(Config(run=str(run), format="gguf", dtype="f16"))
+    assert "hf_max_abs_diff" not in m and 0 < m["gguf_max_abs_diff"] < 1e-2
+    assert (run / "export" / "model.gguf").is_file() and not (run / "export" / "hf").exists()
+    with pytest.raises(UserError, match="no checkpoint"):
+        main(Config(run=str(tmp_path)))
