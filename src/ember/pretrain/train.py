@@ -1,0 +1,395 @@
+"""`ember pretrain`: pretraining and mid-training of the GPT on token shards, one recipe top to bottom.
+
+    ember pretrain --preset=tiny                                        # one process: CPU, or one GPU
+    torchrun --nproc_per_node=8 -m ember.pretrain.train --preset=d12 --data_parallel=fsdp
+    ember pretrain --run=runs/mid --init_from=runs/base/pretrain/final --mix=stdlib:0.7,tinystories:0.3
+
+Pretraining reads `<run>/tokenize/tokens/`; mid-training is the same loop started from a checkpoint's
+weights (`--init_from`) with a fresh optimizer and schedule, usually on a weighted mixture (`--mix`). A run
+killed at any point resumes from its newest `<run>/pretrain/step_N/` when started again with the same
+config and inputs, bit-identical to an uninterrupted run. Sections: init, data, model, optimizer, loop
+(eval / sample / save inline), final save.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from ember.common import artifacts, dist, train_state
+from ember.common.config import require
+from ember.common.errors import UserError
+from ember.common.log import Metrics, print0, step_line
+from ember.model.gpt import GPTConfig
+from ember.pretrain.optim import SpikeGuard, build_adamw, lr_factor
+
+MAX_ROLLBACKS = 5  # a run that needs more than this many rollbacks is diverging, not hitting bad batches
+
+
+@dataclass
+class Config:
+    run: str = "runs/default"  # run folder; this stage writes <run>/pretrain/
+    model: GPTConfig = field(default_factory=lambda: GPTConfig(vocab_size=0))  # architecture; vocab_size 0 = the tokens' vocabulary
+    data: str = ""  # token folder with meta.json and {train,val}_*.bin; empty = <run>/tokenize/tokens
+    mix: str = ""  # mid-training mixture "name:weight,...": name = a token folder, or a run whose tokenize/tokens to use (runs/<name>)
+    tokenizer: str = ""  # tokenizer.json for samples and bits-per-byte; empty = <run>/tokenizer/tokenizer.json (skipped if absent)
+    init_from: str = ""  # checkpoint folder (final/ or step_N/) whose weights start this run (mid-training); its model config is used
+    seed: int = 1337  # model init and data order
+    device: str = "auto"  # cpu, cuda, mps; auto = the best available (cuda:LOCAL_RANK under torchrun)
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # autocast compute dtype (weights stay fp32); auto = bf16 on cuda, fp32 elsewhere
+    batch_size: int = 8  # sequences per micro-batch per process
+    seq_len: int = 256  # tokens per sequence (<= model.max_seq_len)
+    batch_tokens: int = 0  # tokens per optimizer step over all processes (grad accumulation fills it); 0 = one micro-batch each
+    steps: int = 1000  # optimizer steps
+    lr: float = 3e-3  # peak learning rate (small models tolerate large LRs; ~6e-4 at GPT-2 small scale)
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"  # after warmup: cosine to min_lr, or warmup-stable-decay
+    warmup_steps: int = 50  # linear warmup steps
+    decay_frac: float = 0.2  # wsd: fraction of the steps spent decaying at the end
+    min_lr_ratio: float = 0.1  # final LR as a fraction of the peak
+    weight_decay: float = 0.1  # AdamW decoupled decay on matrices (not norms, biases, embeddings)
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay (0.95 rather than 0.999: faster reaction to loss spikes)
+    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = off
+    eval_every: int = 100  # steps between validation passes (loss, bits per byte); 0 = only at the end
+    eval_batches: int = 20  # micro-batches per process in one validation pass
+    sample_every: int = 0  # steps between printed samples from fixed prompts; 0 = only at the end
+    sample_tokens: int = 64  # new tokens per sample
+    save_every: int = 100  # steps between checkpoints (resume, rollback); 0 = only the final model
+    keep_last: int = 2  # step checkpoints to keep (older ones are deleted); 0 = keep all
+    log_every: int = 10  # steps between step lines (the JSONL gets every step)
+    spike_z: float = 6.0  # skip a step whose loss is this many std above the recent mean; 0 = only skip non-finite
+    spike_window: int = 50  # recent accepted losses the spike statistics use
+    spike_rollback: int = 3  # this many consecutive skipped steps roll back to the last checkpoint; 0 = never
+    data_parallel: Literal["ddp", "fsdp"] = "ddp"  # with >1 process: replicate (DDP) or shard params/grads/optimizer (FSDP2)
+    tp: int = 1  # tensor-parallel degree (divides world size and n_kv_head); >1 implies FSDP2 over the rest
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more compute
+    compile: bool = False  # torch.compile each block (worth it on GPU; slow to start on CPU)
+    tensorboard: bool = False  # also write TensorBoard events to <run>/pretrain/tb
+
+    def __post_init__(self):
+        for name in ("batch_size", "seq_len", "steps", "tp"):
+            require(getattr(self, name) >= 1, name, getattr(self, name), "an int >= 1")
+        for name in ("batch_tokens", "warmup_steps", "eval_every", "sample_every", "save_every", "keep_last",
+                     "spike_rollback"):
+            require(getattr(self, name) >= 0, name, getattr(self, name), "an int >= 0")
+        require(self.eval_batches >= 1 and self.log_every >= 1 and self.spike_window >= 2, "eval_batches/log_every/"
+                "spike_window", (self.eval_batches, self.log_every, self.spike_window), "ints >= 1 (window >= 2)")
+        require(self.seq_len <= self.model.max_seq_len, "seq_len", self.seq_len,
+                f"at most model.max_seq_len = {self.model.max_seq_len}")
+        require(self.lr > 0 and 0 <= self.min_lr_ratio <= 1, "lr/min_lr_ratio", (self.lr, self.min_lr_ratio),
+                "lr > 0 and min_lr_ratio in [0, 1]")
+        require(0 < self.decay_frac <= 1, "decay_frac", self.decay_frac, "a fraction in (0, 1]")
+        require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1/beta2", (self.beta1, self.beta2), "in [0, 1)")
+        require(self.grad_clip >= 0 and self.weight_decay >= 0 and self.spike_z >= 0,
+                "grad_clip/weight_decay/spike_z", (self.grad_clip, self.weight_decay, self.spike_z), "floats >= 0")
+        parse_mix(self.mix)  # fails early on a malformed mixture
+
+
+def tiny() -> Config:
+    """A few-minute CPU run: 4 layers, 256 wide (~3M non-embedding parameters)."""
+    return Config(model=GPTConfig.from_depth(4, 0, max_seq_len=256), steps=300, batch_size=8, seq_len=256,
+                  lr=3e-3, warmup_steps=30, eval_every=100, save_every=100)
+
+
+def quickstart() -> Config:
+    """The README pipeline: ~8 minutes of a 2-core CPU on the stdlib tokens (see docs/stages/pretrain.md)."""
+    return Config(model=GPTConfig.from_depth(4, 0, max_seq_len=256), steps=600, batch_size=8, seq_len=256,
+                  lr=3e-3, warmup_steps=40, eval_every=200, eval_batches=10, save_every=200, log_every=20)
+
+
+def smoke() -> Config:
+    """The CI pipeline: seconds of a CPU; checks plumbing, not learning."""
+    return Config(model=GPTConfig.from_depth(2, 0, n_embd=64, n_head=2, n_kv_head=2, max_seq_len=64),
+                  steps=30, batch_size=4, seq_len=64, lr=1e-2, warmup_steps=5, eval_every=15, eval_batches=2,
+                  save_every=15, log_every=5, sample_tokens=16)
+
+
+def d12() -> Config:
+    """GPT-2 small scale on GPUs: 768 wide, 12 layers, 0.5M-token batches (GPT-3 paper's 125M row)."""
+    return Config(model=GPTConfig.from_depth(12, 0, max_seq_len=2048), batch_size=16, seq_len=2048,
+                  batch_tokens=524288, steps=10000, lr=6e-4, warmup_steps=700, eval_every=250, save_every=1000,
+                  log_every=10, compile=True, data_parallel="fsdp")
+
+
+PRESETS = {"tiny": tiny, "quickstart": quickstart, "smoke": smoke, "d12": d12}
+
+
+# ---------------------------------------------------------------------------- helpers
+
+def parse_mix(mix: str) -> list[tuple[str, float]]:
+    """'stdlib:0.7,other:0.3' -> [('stdlib', 0.7), ('other', 0.3)]; weights are relative (normalized later)."""
+    out = []
+    for part in filter(None, (p.strip() for p in mix.split(","))):
+        name, sep, w = part.rpartition(":")
+        try:
+            weight = float(w)
+        except ValueError:
+            weight = -1.0
+        if not sep or not name or not weight > 0:
+            raise UserError(f"config field 'mix' = {mix!r}: entry {part!r} is not NAME:WEIGHT with WEIGHT > 0 "
+                            f"(e.g. --mix=stdlib:0.7,runs/other/tokenize/tokens:0.3)")
+        out.append((name, weight))
+    return out
+
+
+def resolve_tokens(name: str, run: str) -> Path:
+    """A mixture name -> its token folder: a path to a token folder, else the run runs/<name> (sibling of
+    this run's folder) and its tokenize/tokens."""
+    p = Path(name)
+    for cand in (p, p / "tokenize" / "tokens", Path(run).parent / name / "tokenize" / "tokens"):
+        if (cand / "meta.json").is_file():
+            return cand
+    raise UserError(f"mix entry '{name}': no token folder (with meta.json) at {p}, {p}/tokenize/tokens or "
+                    f"{Path(run).parent / name}/tokenize/tokens. Run `ember tokenize --run=...` for it first.")
+
+
+def token_bytes(tokenizer, vocab_size: int) -> torch.Tensor:
+    """UTF-8 bytes each token id stands for (0 for special tokens), for bits per byte. Byte-level BPE writes
+    each byte as one printable character, so a token's string length is its byte count."""
+    special = set(tokenizer.ids.values())
+    return torch.tensor([0 if i in special or tokenizer.id_to_token(i) is None else len(tokenizer.id_to_token(i))
+                         for i in range(vocab_size)], dtype=torch.float64)
+
+
+def begin(cfg: Config, inputs: dict):
+    """artifacts.begin on rank 0 only (one writer of meta.json); every rank learns whether it is cached."""
+    run = artifacts.begin("pretrain", cfg, inputs=inputs) if dist.rank() == 0 else None
+    cached = dist.broadcast_object(run.metrics if run is not None and run.cached else None)
+    return run, cached
+
+
+# ---------------------------------------------------------------------------- the recipe
+
+def main(cfg: Config) -> dict:
+    from ember.data.loader import open_loader, val_batches  # noqa: F401 (see data section)
+
+    # ---- init
+    env = dist.init(cfg.device)
+    run_dir = Path(cfg.run)
+    sources = ([(resolve_tokens(n, cfg.run), w) for n, w in parse_mix(cfg.mix)] if cfg.mix
+               else [(Path(cfg.data or run_dir / "tokenize" / "tokens"), 1.0)])
+    tok_path = Path(cfg.tokenizer or run_dir / "tokenizer" / "tokenizer.json")
+    inputs = {f"tokens{i or ''}": p for i, (p, _) in enumerate(sources)}
+    if cfg.tokenizer or tok_path.is_file():
+        inputs["tokenizer"] = tok_path
+    if cfg.init_from:
+        inputs["init_from"] = Path(cfg.init_from)
+    run, cached = begin(cfg, inputs)
+    if cached is not None:
+        return cached
+    out_dir = run_dir / "pretrain"
+    use_dtype = cfg.dtype if cfg.dtype != "auto" else ("bf16" if env.device.type == "cuda" else "fp32")
+    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[use_dtype]
+    autocast = (torch.autocast(env.device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext())
+    scaler = torch.amp.GradScaler(env.device.type) if use_dtype == "fp16" else None  # fp16 needs loss scaling
+    metrics = Metrics(out_dir, tensorboard=cfg.tensorboard)
+
+    # ---- data
+    micro_tokens = cfg.batch_size * cfg.seq_len * env.world_size
+    batch_tokens = cfg.batch_tokens or micro_tokens
+    if batch_tokens % micro_tokens:
+        raise UserError(f"config field 'batch_tokens' = {batch_tokens} is not a multiple of batch_size * seq_len * "
+                        f"processes = {cfg.batch_size} * {cfg.seq_len} * {env.world_size} = {micro_tokens}")
+    accum = batch_tokens // micro_tokens  # micro-batches per optimizer step on each process
+    dp_rank, dp_size = env.rank // cfg.tp, env.world_size // cfg.tp  # TP ranks of one group read the same data
+    loader = open_loader([str(p) for p, _ in sources], [w for _, w in sources], cfg.batch_size, cfg.seq_len,
+                         seed=cfg.seed, rank=dp_rank, world_size=dp_size)
+    vocab = loader.vocab_size
+
+    # ---- model
+    if cfg.init_from:
+        from ember.common.checkpoint import load_model
+
+        model = load_model(cfg.init_from, device=env.device)
+        mcfg = model.config
+        if mcfg.vocab_size < vocab:
+            raise UserError(f"--init_from={cfg.init_from}: the model's vocabulary ({mcfg.vocab_size}) is smaller "
+                            f"than the token ids in the data ({vocab}); tokenize with the model's tokenizer")
+    else:
+        from ember.model.gpt import build_model
+
+        mcfg = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or vocab)
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank (then sharded or replicated)
+        model = build_model(mcfg, env.device)
+    raw_model = model
+    n_params = model.num_params()
+    flops_per_token = model.flops_per_token(cfg.seq_len)
+    mesh = dist.make_mesh(env.device, cfg.tp)
+    model = dist.parallelize(model, mesh, cfg)
+    print0(f"[pretrain] {n_params / 1e6:.2f}M params | {env.world_size} process(es) on {env.device} | "
+           f"{use_dtype} | batch {batch_tokens} tokens = {accum} x {cfg.batch_size} x {cfg.seq_len} x {env.world_size}")
+
+    # ---- optimizer
+    optimizer = build_adamw(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), env.device)
+    guard = SpikeGuard(cfg.spike_z, cfg.spike_window, cfg.spike_rollback)
+    step, tokens_seen, rollbacks = 0, 0, 0
+
+    def state() -> dict:  # everything besides weights/optimizer that an exact resume needs (JSON)
+        return {"loader": loader.state_dict(), "guard": guard.state_dict(), "tokens_seen": tokens_seen,
+                "rollbacks": rollbacks, "scaler": scaler.state_dict() if scaler else None,
+                "model_config": dataclasses.asdict(mcfg)}
+
+    def restore(folder: Path, with_loader: bool) -> int:
+        nonlocal tokens_seen, rollbacks
+        meta = train_state.load(folder, model, optimizer)
+        s = meta["state"]
+        guard.load_state_dict(s["guard"])
+        if with_loader:
+            loader.load_state_dict(s["loader"])
+            tokens_seen, rollbacks = s["tokens_seen"], s["rollbacks"]
+        if scaler is not None and s["scaler"]:
+            scaler.load_state_dict(s["scaler"])
+        return meta["step"]
+
+    ckpt = train_state.latest(out_dir)
+    if ckpt is not None:  # artifacts.begin kept this folder: same config and inputs, so resume
+        step = restore(ckpt, with_loader=True)
+        print0(f"[pretrain] resumed from {ckpt} at step {step}")
+
+    # validation and samples
+    tokenizer, tbytes = None, None
+    if "tokenizer" in inputs:
+        from ember.tokenizer.special import load_tokenizer
+
+        tokenizer = load_tokenizer(tok_path)
+        tbytes = token_bytes(tokenizer, mcfg.vocab_size).to(env.device)
+
+    @torch.no_grad()
+    def evaluate() -> dict:
+        model.eval()
+        nll_sum = torch.zeros((), dtype=torch.float64, device=env.device)
+        n_tok = torch.zeros((), dtype=torch.float64, device=env.device)
+        nll_bytes = torch.zeros((), dtype=torch.float64, device=env.device)
+        n_bytes = torch.zeros((), dtype=torch.float64, device=env.device)
+        for x, y in val_batches([str(p) for p, _ in sources], cfg.batch_size, cfg.seq_len, cfg.eval_batches,
+                                rank=dp_rank, world_size=dp_size):
+            x, y = x.to(env.device), y.to(env.device)
+            with autocast:
+                nll = model(x, y, reduction="none").double()  # (B, T) nats
+            nll_sum += nll.sum()
+            n_tok += y.numel()
+            if tbytes is not None:  # bits per byte: tokenizer-independent, so comparable across vocabularies
+                b = tbytes[y]
+                nll_bytes += (nll * (b > 0)).sum()
+                n_bytes += b.sum()
+        model.train()
+        sums = dist.all_reduce_mean(torch.stack([nll_sum, n_tok, nll_bytes, n_bytes]))
+        out = {"val_loss": (sums[0] / sums[1]).item()}
+        if tbytes is not None and sums[3] > 0:
+            out["val_bpb"] = (sums[2] / math.log(2) / sums[3]).item()
+        return out
+
+    def samples() -> None:
+        if tokenizer is None or dist.is_sharded(model) or dist.rank() != 0:
+            return  # a sharded model would need every rank in each forward; use `ember sample` on final/
+        from ember.pretrain.sample import PROMPTS, sample_prompts
+
+        for s in sample_prompts(dist.unwrap(model), tokenizer, PROMPTS[:3], cfg.sample_tokens, seed=cfg.seed):
+            print0(f"  sample | {s['prompt'] + s['completion']!r}")
+
+    # ---- loop
+    model.train()
+    last, t_last, tok_last = {}, time.perf_counter(), tokens_seen
+    while step < cfg.steps:
+        lr = cfg.lr * lr_factor(step, cfg.steps, cfg.warmup_steps, cfg.schedule, cfg.decay_frac, cfg.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=env.device)
+        for micro in range(accum):
+            x, y = loader.next_batch()
+            x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+            dist.set_grad_sync(model, micro == accum - 1)  # all-reduce/reduce-scatter once per step
+            with autocast:
+                loss = model(x, y) / accum  # mean over the step's tokens: equal-sized micro-batches
+            (scaler.scale(loss) if scaler else loss).backward()
+            loss_sum += loss.detach()
+        tokens_seen += batch_tokens
+        loss_val = dist.all_reduce_mean(loss_sum).item()  # the same number (and verdict) on every rank
+        verdict = guard.check(loss_val)
+        grad_norm = None
+        if verdict == "ok":
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            if cfg.grad_clip > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+                if not math.isfinite(grad_norm) and scaler is None:  # (with fp16 the scaler skips inf steps)
+                    verdict = "nonfinite_grad"
+        if verdict == "ok":
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        roll_back = guard.update(loss_val, verdict)
+        step += 1
+
+        now = time.perf_counter()
+        if verdict != "ok":  # loss-spike / NaN guard: the step was not applied
+            print0(step_line(step, cfg.steps, loss=loss_val, lr=lr, event=f"skipped ({verdict})"))
+            metrics.log(step, event="skip", reason=verdict, loss=loss_val if math.isfinite(loss_val) else None)
+        if roll_back:
+            first_bad = step - guard.bad_streak  # steps first_bad..step-1 (0-based) were skipped
+            target = train_state.latest(out_dir, before=first_bad)
+            if rollbacks >= MAX_ROLLBACKS:
+                raise UserError(f"pretrain diverged: {guard.bad_streak} bad steps in a row after {rollbacks} "
+                                f"rollbacks. Lower --lr, lengthen --warmup_steps, or raise --spike_z.")
+            if target is None:
+                print0(f"[pretrain] step {step}: {guard.bad_streak} bad steps, but no checkpoint before step "
+                       f"{first_bad} to roll back to; continuing")
+                guard.bad_streak = 0
+            else:
+                rollbacks += 1
+                old = step
+                step = restore(target, with_loader=False)  # the loader runs on: the bad batches are skipped
+                print0(f"[pretrain] rollback {rollbacks}: step {old} -> {step} ({target.name}); "
+                       f"the {old - step} batches since are skipped")
+                metrics.log(old, event="rollback", to_step=step, skipped_batches=(old - step) * accum)
+            continue
+        if verdict == "ok":
+            row = {"loss": loss_val, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen}
+            metrics.log(step, **row)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            dt = (now - t_last) / max(1, step % cfg.log_every or cfg.log_every)
+            tps = (tokens_seen - tok_last) / max(now - t_last, 1e-9)
+            mfu = tps * flops_per_token / (dist.peak_flops(str(env.device), amp_dtype or torch.float32)
+                                          * env.world_size)
+            print0(step_line(step, cfg.steps, loss=loss_val, lr=lr, dt=dt, **{"tok/s": tps}, mfu=mfu))
+            metrics.log(step, tok_per_s=tps, mfu=mfu)
+            t_last, tok_last = time.perf_counter(), tokens_seen
+        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+            last = evaluate()
+            print0(step_line(step, cfg.steps, **last))
+            metrics.log(step, **last)
+            t_last = time.perf_counter()
+        if (cfg.sample_every and step % cfg.sample_every == 0) or step == cfg.steps:
+            samples()
+            t_last = time.perf_counter()
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+            train_state.save(out_dir, step, model, optimizer, mcfg, state(), cfg.keep_last)
+            t_last = time.perf_counter()
+
+    # ---- final save
+    train_state.save_final(out_dir / "final", model, mcfg)
+    metrics.close()
+    result = {**{k: round(v, 5) for k, v in last.items()}, "steps": step, "tokens": tokens_seen,
+              "params": n_params, "rollbacks": rollbacks}
+    if run is not None:
+        result = run.finish(result)
+    dist.barrier()
+    return result
+
+
+if __name__ == "__main__":
+    from ember.cli import module_main
+
+    module_main(__name__)
