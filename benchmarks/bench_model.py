@@ -1,0 +1,99 @@
+"""Forward+backward tokens/s of ember's GPT vs transformers' LlamaForCausalLM with identical config and weights.
+
+    python benchmarks/bench_model.py                 # both configs, fp32 and bf16 autocast, ~2-3 min on 2 cores
+    python benchmarks/bench_model.py --steps=5 --configs=small
+
+The HF model is exported from the ember one (export_hf), so both hold the same weights; their losses are
+printed to show they compute the same thing. Steps alternate between the two models (ember, hf, ember, ...)
+so drift in machine speed hits both alike; the median step time is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+import warnings
+
+import torch
+
+from ember.model.gpt import GPTConfig, build_model
+from ember.model.hf import export_hf
+
+# name -> (GPTConfig, batch, seq_len): the depth-4 model of the CPU quickstart, and a wider/longer one
+CONFIGS = {
+    "small": (GPTConfig.from_depth(4, vocab_size=8192, n_kv_head=2, max_seq_len=256), 8, 256),
+    "medium": (GPTConfig.from_depth(8, vocab_size=32768, n_kv_head=4, max_seq_len=512), 4, 512),
+}
+
+
+def step_ember(model, idx, targets):
+    loss = model(idx, targets)
+    loss.backward()
+    return loss.item()
+
+
+def step_hf(model, idx, targets):
+    # HF shifts labels internally, so labels = the input; the work (T logits, T-1 scored) is the same
+    loss = model(input_ids=idx, labels=idx).loss
+    loss.backward()
+    return loss.item()
+
+
+def measure(name, cfg, batch, seq, steps, autocast):
+    import transformers  # the peer; only this script and the interop tests import it
+
+    torch.manual_seed(0)
+    ember = build_model(cfg, "cpu").train()
+    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_hf(ember, d)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(d, attn_implementation="sdpa").train()
+    idx = torch.randint(0, cfg.vocab_size, (batch, seq))
+    targets = torch.cat([idx[:, 1:], torch.full((batch, 1), -100)], dim=1)
+    times = {"ember": [], "hf": []}
+    losses = {}
+    for i in range(steps + 2):  # the first 2 rounds warm up allocators and kernels
+        for who, model, fn in (("ember", ember, step_ember), ("hf", hf, step_hf)):
+            model.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                losses[who] = fn(model, idx, targets)
+            if i >= 2:
+                times[who].append(time.perf_counter() - t0)
+    tok = batch * seq
+    e, h = (tok / statistics.median(times[k]) for k in ("ember", "hf"))
+    return dict(config=name, dtype="bf16-autocast" if autocast else "fp32", params=ember.num_params(),
+                ember=e, hf=h, ratio=e / h, loss_ember=losses["ember"], loss_hf=losses["hf"])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=8, help="timed steps per model (after 2 warm-up steps)")
+    p.add_argument("--configs", default="small,medium", help="comma-separated: " + ",".join(CONFIGS))
+    p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import transformers
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}")
+    rows = []
+    for name in args.configs.split(","):
+        cfg, batch, seq = CONFIGS[name]
+        for autocast in (False, True):
+            rows.append(measure(name, cfg, batch, seq, args.steps, autocast))
+            r = rows[-1]
+            print(f"  measured {name} {r['dtype']}: loss ember {r['loss_ember']:.4f} hf {r['loss_hf']:.4f}", flush=True)
+    print()
+    print("| config | shape (L x d, heads/kv, vocab, B x T) | dtype | params | ember tok/s | HF Llama tok/s | ember / HF |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        cfg, batch, seq = CONFIGS[r["config"]]
+        shape = f"{cfg.n_layer} x {cfg.n_embd}, {cfg.n_head}/{cfg.n_kv_head}, {cfg.vocab_size}, {batch} x {seq}"
+        print(f"| {r['config']} | {shape} | {r['dtype']} | {r['params'] / 1e6:.1f}M | {r['ember']:,.0f} | "
+              f"{r['hf']:,.0f} | {r['ratio']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
