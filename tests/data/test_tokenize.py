@@ -54,11 +54,13 @@ def test_shards_decode_to_the_documents(run):
     assert m["val_documents"] > 0 and m["train_documents"] + m["val_documents"] == len(kept)
 
 
-def test_in_process_equals_parallel_and_shards_roll_over(run, tmp_path):
+def test_engines_and_worker_counts_give_identical_shards(run, tmp_path):
+    """tokenizers in-process vs tiktoken in 2 processes (and smaller shards): the same bytes."""
     run, _ = run
     cfg = dict(docs=str(run / "corpus"), tokenizer=str(run / "tokenizer"), val_fraction=0.1)
-    tokenize.main(tokenize.Config(run=str(tmp_path / "a"), workers=1, **cfg))
-    tokenize.main(tokenize.Config(run=str(tmp_path / "b"), workers=2, shard_tokens=20_000, **cfg))
+    ma = tokenize.main(tokenize.Config(run=str(tmp_path / "a"), workers=1, engine="tokenizers", **cfg))
+    mb = tokenize.main(tokenize.Config(run=str(tmp_path / "b"), workers=2, shard_tokens=20_000, **cfg))
+    assert (ma["engine"], mb["engine"]) == ("tokenizers", "tiktoken")
     a, b = tmp_path / "a" / "tokenize" / "tokens", tmp_path / "b" / "tokenize" / "tokens"
     shards = sorted(b.glob("train_*.bin"))
     assert len(shards) >= 2
@@ -105,3 +107,22 @@ def test_missing_tokenizer_is_a_user_error(tmp_path):
     write_shards([make_doc("a", "x", "t")], tmp_path / "corpus")
     with pytest.raises(UserError, match="input 'tokenizer' not found"):
         tokenize.main(tokenize.Config(run=str(tmp_path)))
+
+
+def test_engine_choice(run):
+    from tokenizers import Tokenizer as HFTokenizer, normalizers
+
+    from ember.tokenizer.special import Tokenizer
+
+    run, docs = run
+    tok = load_tokenizer(run / "tokenizer")
+    sample = [d["text"] for d in docs[:5]]
+    assert tokenize.pick_engine(tok, "auto", sample) == "tiktoken"
+    assert tokenize.pick_engine(tok, "tokenizers", sample) == "tokenizers"
+    hf = HFTokenizer.from_file(str(run / "tokenizer" / "tokenizer.json"))
+    hf.normalizer = normalizers.NFC()  # a layout tiktoken cannot mirror
+    other = Tokenizer(hf)
+    assert other.tiktoken() is None
+    assert tokenize.pick_engine(other, "auto", sample) == "tokenizers"
+    with pytest.raises(UserError, match="engine=tiktoken"):
+        tokenize.pick_engine(other, "tiktoken", sample)

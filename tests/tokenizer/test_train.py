@@ -45,12 +45,27 @@ def test_round_trip_stdlib_sample(tok):
 
 
 @pytest.mark.slow
-def test_round_trip_whole_stdlib(tok):
-    """Every document of the stdlib corpus (~800 documents, ~12 MB; ~10-20 s on 2 cores)."""
+def test_whole_stdlib_round_trips_and_tiktoken_mirror_agrees(tok):
+    """Every document of the stdlib corpus (~800 documents, ~12 MB; ~15-30 s on 2 cores): decode(encode(d))
+    == d, and the tiktoken mirror `ember tokenize` uses gives the same ids."""
     docs = [d["text"] for d in iter_documents("stdlib")]
     assert len(docs) > 500
-    bad = [i for i, (ids, d) in enumerate(zip(tok.encode_batch(docs), docs)) if tok.decode(ids) != d]
-    assert bad == []
+    enc = tok.tiktoken()
+    ids = tok.encode_batch(docs)
+    assert [i for i, (x, d) in enumerate(zip(ids, docs)) if tok.decode(x) != d] == []
+    assert [i for i, (x, d) in enumerate(zip(ids, docs)) if enc.encode_ordinary(d) != x] == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(texts)
+def test_tiktoken_mirror_gives_the_same_ids(tok, text):
+    assert tok.tiktoken().encode_ordinary(text) == tok.encode(text)
+
+
+def test_tiktoken_mirror_on_stdlib_sample(tok):
+    docs = [d["text"] for d, _ in zip(iter_documents("stdlib"), range(150))]
+    enc = tok.tiktoken()
+    assert [enc.encode_ordinary(d) for d in docs] == tok.encode_batch(docs)
 
 
 def test_special_tokens_come_first_and_text_never_encodes_to_them(tok):

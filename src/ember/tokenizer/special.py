@@ -4,11 +4,14 @@ The trained `tokenizer.json` is a standard HF `tokenizers` file (ids 0..6 are th
 The wrapper encodes text with `encode_special_tokens=True`: a document that contains the string
 "<|eos|>" is encoded as ordinary bytes, so special ids only ever come from code that inserts them by id
 (EOS between documents, role tokens in chat) — the same rule as tiktoken's `disallowed_special`.
+`Tokenizer.tiktoken()` mirrors an ember tokenizer in tiktoken's faster BPE engine (the same ids) for bulk
+encoding in `ember tokenize`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 from ember.common.errors import UserError
@@ -17,6 +20,19 @@ BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
 SPECIAL_TOKENS = [BOS, EOS, PAD, SYSTEM, USER, ASSISTANT, END]  # in id order: 0..6 in a trained tokenizer
 ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+
+# Pre-tokenization split: GPT-4's (cl100k) pattern, as nanochat uses it. Words keep their leading space,
+# numbers split into groups of at most 3 digits, and runs of spaces (Python indentation) stay whole so BPE
+# can merge them into single tokens; no merge ever crosses a split boundary.
+SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
+                 r"""|\s*[\r\n]|\s+(?!\S)|\s+""")
+
+
+def byte_decoder() -> dict[str, int]:
+    """Byte-level BPE's printable character -> byte value (GPT-2's bytes_to_unicode, inverted)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]  # control bytes, space... -> chr(256), chr(257), ...
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
 
 
 class Tokenizer:
@@ -68,6 +84,47 @@ class Tokenizer:
 
     def id_to_token(self, i: int) -> str | None:
         return self.hf.id_to_token(i)
+
+    def tiktoken(self):
+        """A tiktoken Encoding giving the same ids as this tokenizer (for text without special tokens), or None.
+
+        Only for the layout `ember tokenizer` trains: SPLIT_PATTERN + ByteLevel, no normalizer, plain BPE whose
+        merge k creates a new token with a larger id than merge k-1, so that the rank tiktoken gives a token
+        (its id) orders merges as HF's merge list does. The two rules (HF: lowest-ranked listed pair; tiktoken:
+        the adjacent pair whose concatenation has the lowest id) could still differ where a token is reachable
+        from a pair other than its own merge; they agree on every stdlib document (tested), and `ember
+        tokenize` compares both on a sample before using this. None when tiktoken is not installed or the
+        tokenizer has another layout.
+        """
+        try:
+            import tiktoken
+        except ImportError:
+            return None
+        spec = json.loads(self.hf.to_str())
+        model, pre = spec["model"], spec.get("pre_tokenizer") or {}
+        steps = pre.get("pretokenizers", [])
+        layout_ok = (
+            spec.get("normalizer") is None and pre.get("type") == "Sequence" and len(steps) == 2
+            and steps[0].get("type") == "Split" and steps[0].get("pattern") == {"Regex": SPLIT_PATTERN}
+            and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert")
+            and steps[1].get("type") == "ByteLevel" and not steps[1].get("add_prefix_space")
+            and not steps[1].get("use_regex")
+            and model.get("type") == "BPE" and not model.get("dropout") and not model.get("byte_fallback")
+            and not model.get("continuing_subword_prefix") and not model.get("end_of_word_suffix")
+        )
+        if not layout_ok:
+            return None
+        vocab = model["vocab"]
+        merged = [vocab.get("".join(m) if isinstance(m, list) else m.replace(" ", "")) for m in model["merges"]]
+        if None in merged or any(a >= b for a, b in zip(merged, merged[1:])):
+            return None  # a merge that repeats or reorders tokens: merge order != id order
+        dec = byte_decoder()
+        specials = set(self.ids.values())
+        ranks = {bytes(dec[c] for c in tok): i for tok, i in vocab.items() if i not in specials}
+        if any(bytes([b]) not in ranks for b in range(256)):
+            return None
+        return tiktoken.Encoding(f"ember-{self.sha256[:12]}", pat_str=SPLIT_PATTERN, mergeable_ranks=ranks,
+                                 special_tokens={})
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

@@ -22,13 +22,8 @@ from ember.common.log import print0
 from ember.data.documents import read_shards
 from ember.data.tokenize import docs_input, is_val
 from ember.tokenizer.chat import CHAT_TEMPLATE
-from ember.tokenizer.special import BOS, EOS, PAD, SPECIAL_TOKENS, Tokenizer, sha256_file
+from ember.tokenizer.special import BOS, EOS, PAD, SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, sha256_file
 
-# Pre-tokenization split: GPT-4's (cl100k) pattern, as nanochat uses it. Words keep their leading space,
-# numbers split into groups of at most 3 digits, and runs of spaces (Python indentation) stay whole so BPE
-# can merge them into single tokens; no merge ever crosses a split boundary.
-SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
-                 r"""|\s*[\r\n]|\s+(?!\S)|\s+""")
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS) + 1  # every byte, every special token, at least one merge
 HELD_OUT_MAX_BYTES = 16 << 20  # enough text for a stable bytes/token figure; bounds memory on big corpora
 
