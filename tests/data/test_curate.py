@@ -183,8 +183,12 @@ def test_source_spec_input(tmp_path):
 
 
 def test_missing_input_is_a_user_error(tmp_path):
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="ember corpus"):
         curate.main(Config(run=str(tmp_path / "nothing-here"), workers=1))
+    assert not (tmp_path / "nothing-here" / "curate").exists()  # nothing half-written
+    with pytest.raises(UserError, match="not found"):
+        corpus(tmp_path)
+        curate.main(config(tmp_path, toxic_words=str(tmp_path / "no-such-list.txt")))
 
 
 def test_cli_help_lists_settings(capsys):

@@ -255,10 +255,13 @@ def _run_batches(cfg: Config, src: str, work: Path) -> list[int]:
             for _ in progress(results, total=len(todo), desc=f"[curate] shard {i}", unit="batch"):
                 pass
             artifacts.write_json(manifest, {"chunks": len(chunks), "docs": len(docs)})
-    finally:
+    except BaseException:
         if pool is not None:
-            pool.close()
-            pool.join()
+            pool.terminate()  # a failed batch or Ctrl-C: stop the others now; finished parts stay for the rerun
+        raise
+    if pool is not None:
+        pool.close()
+        pool.join()
     return shards
 
 
@@ -362,6 +365,9 @@ def _write_shard(out: Path, work: Path, shard: int, drop: dict[int, tuple[str, s
 
 def main(cfg: Config) -> dict:
     src = cfg.docs or str(Path(cfg.run) / "corpus")
+    if not cfg.docs and not Path(src).exists():
+        raise UserError(f"curate: no corpus at {src}. Run `ember corpus --run={cfg.run}` (or `ember pipeline`) "
+                        f"first, or set --docs to a folder of document shards or a source spec (stdlib, a path).")
     run = artifacts.begin("curate", cfg, inputs=_file_inputs(cfg, src))
     if run.cached:
         return run.metrics
