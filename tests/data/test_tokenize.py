@@ -55,7 +55,7 @@ def test_shards_decode_to_the_documents(run):
 
 
 def test_engines_and_worker_counts_give_identical_shards(run, tmp_path):
-    """tokenizers in-process vs tiktoken in 2 processes (and smaller shards): the same bytes."""
+    """tokenizers on 1 thread vs tiktoken on 2 threads (and smaller shards): the same bytes."""
     run, _ = run
     cfg = dict(docs=str(run / "corpus"), tokenizer=str(run / "tokenizer"), val_fraction=0.1)
     ma = tokenize.main(tokenize.Config(run=str(tmp_path / "a"), workers=1, engine="tokenizers", **cfg))

@@ -17,12 +17,12 @@ from __future__ import annotations
 import collections
 import hashlib
 import itertools
-import multiprocessing as mp
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Callable, Iterator, Literal
 
 import numpy as np
 
@@ -34,7 +34,7 @@ from ember.data.documents import read_shards
 from ember.tokenizer.special import EOS, load_tokenizer, sha256_file
 
 CHUNK_BYTES = 1 << 20  # text per task sent to a worker: large enough to amortize pickling, small for balance
-CHECK_BYTES = 256 << 10  # text encoded by both engines before tiktoken is trusted with the rest
+CHECK_BYTES = 128 << 10  # text encoded by both engines before tiktoken is trusted with the rest
 
 
 @dataclass
@@ -43,13 +43,13 @@ class Config:
     docs: str = ""  # document shards; empty = <run>/curate if finished, else <run>/corpus
     tokenizer: str = ""  # tokenizer.json (or its folder); empty = <run>/tokenizer/tokenizer.json
     val_fraction: float = 0.05  # share of documents (by id hash) in the val split; keep equal to the tokenizer's
-    workers: int = 0  # encoding processes; 0 = all cores, 1 = in this process
+    workers: int = 0  # encoding threads (the engines release the GIL); 0 = one per core
     engine: Literal["auto", "tiktoken", "tokenizers"] = "auto"  # BPE engine; auto = tiktoken when it gives the same ids
     shard_tokens: int = 1 << 27  # start a new .bin shard after ~this many tokens (134M = 256 MiB of uint16)
 
     def __post_init__(self):
         require(0.0 <= self.val_fraction < 1.0, "val_fraction", self.val_fraction, "a fraction in [0, 1)")
-        require(self.workers >= 0, "workers", self.workers, "0 (all cores) or a process count")
+        require(self.workers >= 0, "workers", self.workers, "0 (one per core) or a thread count")
         require(self.shard_tokens > 0, "shard_tokens", self.shard_tokens, "a positive token count")
 
 
@@ -77,30 +77,25 @@ def token_dtype(vocab_size: int):
     return np.uint16 if vocab_size <= 1 << 16 else np.uint32
 
 
-# ---------------------------------------------------------------------------- encoding (workers)
+# ---------------------------------------------------------------------------- encoding
 
-_TOK = None  # the tokenizer of a worker process, loaded once by _init
-_TIKTOKEN = None  # its tiktoken mirror when engine == "tiktoken"
-
-
-def _init(path: str, engine: str) -> None:
-    global _TOK, _TIKTOKEN
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the processes; no oversubscription
-    _TOK = load_tokenizer(path)
-    _TIKTOKEN = _TOK.tiktoken() if engine == "tiktoken" else None
-
-
-def _encode(texts: list[str]) -> np.ndarray:
-    """Documents -> one flat array: doc0 <|eos|> doc1 <|eos|> ..."""
-    ids = [_TIKTOKEN.encode_ordinary(t) for t in texts] if _TIKTOKEN is not None else _TOK.encode_batch(texts)
-    out = np.empty(sum(len(x) for x in ids) + len(ids), dtype=token_dtype(_TOK.vocab_size))
+def flatten(ids: list[list[int]], eos_id: int, dtype) -> np.ndarray:
+    """Encoded documents -> one flat array: doc0 <|eos|> doc1 <|eos|> ..."""
+    out = np.empty(sum(len(x) for x in ids) + len(ids), dtype=dtype)
     o = 0
     for x in ids:
         out[o:o + len(x)] = x
         o += len(x)
-        out[o] = _TOK.eos_id
+        out[o] = eos_id
         o += 1
     return out
+
+
+def batch_encoder(tok, engine: str) -> Callable[[list[str]], list[list[int]]]:
+    if engine == "tiktoken":
+        enc = tok.tiktoken()
+        return lambda texts: [enc.encode_ordinary(t) for t in texts]
+    return tok.encode_batch
 
 
 def chunks(docs: Iterator[dict], val_fraction: float) -> Iterator[tuple[str, list[str]]]:
@@ -136,24 +131,23 @@ def pick_engine(tok, wanted: str, sample: list[str]) -> str:
     return "tiktoken" if same else "tokenizers"
 
 
-def encode_chunks(items: Iterator[tuple[str, list[str]]], tokenizer: str, workers: int, engine: str):
-    """(split, texts, tokens) in input order; `workers` processes with at most 2 tasks each in flight."""
-    if workers == 1:
-        _init(tokenizer, engine)
+def encode_chunks(items: Iterator[tuple[str, list[str]]], tok, engine: str, workers: int):
+    """(split, texts, tokens) in input order, chunks encoded on `workers` threads with 2 each in flight.
+
+    Threads, not processes: both engines run in Rust with the GIL released (tiktoken's encode_ordinary,
+    tokenizers' encode_batch), so threads use every core without a process start or pickling.
+    """
+    encode, dtype = batch_encoder(tok, engine), token_dtype(tok.vocab_size)
+    with ThreadPoolExecutor(workers) as pool:
+        pending: collections.deque = collections.deque()
         for split, texts in items:
-            yield split, texts, _encode(texts)
-        return
-    # spawn, not fork: the parent may hold threads (tokenizers' pool, torch) that a fork would copy mid-lock
-    with mp.get_context("spawn").Pool(workers, initializer=_init, initargs=(tokenizer, engine)) as pool:
-        pending = collections.deque()
-        for split, texts in items:
-            pending.append((split, texts, pool.apply_async(_encode, (texts,))))
+            pending.append((split, texts, pool.submit(lambda t: flatten(encode(t), tok.eos_id, dtype), texts)))
             if len(pending) >= 2 * workers:
-                s, t, r = pending.popleft()
-                yield s, t, r.get()
+                s, t, f = pending.popleft()
+                yield s, t, f.result()
         while pending:
-            s, t, r = pending.popleft()
-            yield s, t, r.get()
+            s, t, f = pending.popleft()
+            yield s, t, f.result()
 
 
 # ---------------------------------------------------------------------------- shards
@@ -226,7 +220,7 @@ def main(cfg: Config) -> dict:
     engine = pick_engine(tok, cfg.engine, [d["text"] for d in head])
     docs = itertools.chain(head, docs)
     with Progress(None, "tokenize", unit="doc") as bar:
-        for split, texts, tokens in encode_chunks(chunks(docs, cfg.val_fraction), str(tok_path), workers, engine):
+        for split, texts, tokens in encode_chunks(chunks(docs, cfg.val_fraction), tok, engine, workers):
             writers[split].add(tokens)
             n_bytes[split] += sum(len(t.encode("utf-8")) for t in texts)
             bar.update(len(texts))
@@ -259,7 +253,7 @@ def main(cfg: Config) -> dict:
     }
     print0(f"[tokenize] {metrics['train_tokens']:,} train + {metrics['val_tokens']:,} val tokens "
            f"({metrics['train_documents']} + {metrics['val_documents']} docs, {meta['dtype']}) in {seconds:.1f}s "
-           f"= {metrics['mb_per_s']} MB/s on {workers} worker(s) ({engine}) -> {out}")
+           f"= {metrics['mb_per_s']} MB/s on {workers} thread(s) ({engine}) -> {out}")
     return run.finish(metrics)
 
 
