@@ -72,7 +72,7 @@ def test_read_votes_serving_format_and_errors(tmp_path):
     rows = [{"a": "sft", "b": "base", "winner": "both_bad", "prompt": "hi", "answer_a": "x", "answer_b": "y",
              "seed_a": 1, "seed_b": 2, "temperature": 0.7, "time": "2025-01-01T00:00:00+00:00"}]
     p.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"a": "x", "b": "y", "winner": "left"}\n')
-    with pytest.raises(UserError, match=r"votes.jsonl:2"):
+    with pytest.raises(UserError, match=r"votes.jsonl: vote 2"):
         arena.read_votes(p)
     p.write_text(json.dumps(rows[0]) + "\n")
     assert arena.read_votes(p)[0]["winner"] == "both_bad"

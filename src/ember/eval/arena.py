@@ -35,22 +35,17 @@ Judge = Callable[[str, str, str], str]  # (prompt, answer_a, answer_b) -> "a" | 
 
 
 def read_votes(path: str | Path) -> list[dict]:
+    from ember.eval.tasks.common import read_jsonl
+
     path = Path(path)
     if not path.is_file():
         raise UserError(f"votes file {path} not found; votes come from `ember serve` (the chat page's compare "
                         f"mode) or from --models with a --judge")
-    votes = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            v = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+    votes = read_jsonl(path)
+    for i, v in enumerate(votes, 1):
         if not (isinstance(v, dict) and isinstance(v.get("a"), str) and isinstance(v.get("b"), str)
                 and v.get("winner") in WINNERS):
-            raise UserError(f"{path}:{i}: a vote needs string 'a', 'b' and 'winner' in {WINNERS}, got {line[:120]}")
-        votes.append(v)
+            raise UserError(f"{path}: vote {i}: needs string 'a', 'b' and 'winner' in {WINNERS}, got {str(v)[:120]}")
     return votes
 
 
