@@ -118,8 +118,8 @@ def language_check(doc: dict, cfg) -> str | None:
         return f"script: {frac:.2f} of letters in {'/'.join(cfg.scripts)} < {cfg.min_script_frac} (mostly {top})"
     if is_code(doc) or cfg.min_stopwords <= 0:
         return None
-    words = set(text.lower().split())
-    hits = {lang: len(STOPWORDS[lang] & words) for lang in cfg.languages}
+    found = set(words(text))  # lowercased \w+ words: "The," counts as "the"
+    hits = {lang: len(STOPWORDS[lang] & found) for lang in cfg.languages}
     if max(hits.values()) < cfg.min_stopwords:
         got = ", ".join(f"{k} {v}/{len(STOPWORDS[k])}" for k, v in hits.items())
         return f"language: fewer than {cfg.min_stopwords} stop words of {'/'.join(cfg.languages)} ({got})"
