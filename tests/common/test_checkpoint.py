@@ -79,6 +79,11 @@ def test_mismatched_files_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="no ember model config.*import_hf"):
         load_model(tmp_path / "noconfig.safetensors")
 
+    scalar = {**config, "format": json.dumps("ember.scalar")}
+    save_file(state, str(tmp_path / "scalar.safetensors"), metadata=scalar)
+    with pytest.raises(UserError, match="holds a 'ember.scalar' model, not an ember language model"):
+        load_model(tmp_path / "scalar.safetensors")
+
     newer = {**config, "config": json.dumps({**vars(model.config), "n_layr": 3})}
     save_file(state, str(tmp_path / "newer.safetensors"), metadata=newer)
     with pytest.raises(UserError, match="unknown config key 'n_layr'.*newer.safetensors"):

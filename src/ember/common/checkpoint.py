@@ -80,6 +80,9 @@ def load_model(path_or_dir: str | Path, device: torch.device | str = "cpu", dtyp
 
     path = model_file(path_or_dir)
     tensors, meta = load_state(path, device)
+    if meta.get("format", FORMAT) != FORMAT:
+        raise UserError(f"checkpoint {path} holds a {meta['format']!r} model, not an ember language model "
+                        f"({FORMAT!r}); load it with the stage that wrote it (e.g. a reward model: align/reward.py).")
     if not isinstance(meta.get("config"), dict):
         raise UserError(f"checkpoint {path} has no ember model config in its metadata, so it was not written by "
                         f"ember's save_model (a Hugging Face folder? use ember.model.hf.import_hf).")
