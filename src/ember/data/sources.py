@@ -108,6 +108,16 @@ def _decode(data: bytes, where: str, sink: _Sink, whole_file: bool) -> str | Non
         return None
 
 
+def _read_text(path: Path, sink: _Sink) -> str | None:
+    """A whole file as UTF-8 text, or None after reporting why not."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        sink.skip("unreadable_file", str(path), f"cannot read ({e.strerror})")
+        return None
+    return _decode(data, str(path), sink, whole_file=True)
+
+
 # ---------------------------------------------------------------------------- the standard library
 
 def stdlib_root() -> Path:
@@ -139,12 +149,7 @@ def _stdlib(sink: _Sink) -> Iterator[tuple[dict, str]]:
     base = {"license": "PSF-2.0", "python": platform.python_version()}
     for doc_id, what in entries:
         if isinstance(what, Path):
-            try:
-                data = what.read_bytes()
-            except OSError as e:
-                sink.skip("unreadable_file", str(what), f"cannot read ({e.strerror})")
-                continue
-            text = _decode(data, str(what), sink, whole_file=True)
+            text = _read_text(what, sink)
             if text is None:
                 continue
             meta = {**base, "kind": "code", "path": doc_id[len("stdlib/"):], "date": _iso(what.stat().st_mtime)}
@@ -179,12 +184,7 @@ def _file(path: Path, source: str, sink: _Sink, text_field: str) -> Iterator[tup
     """Documents of one file, with ids "<file path>" (.txt) or "<file path>:<line or row>"."""
     name = path.name
     if name.endswith(".txt"):
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            sink.skip("unreadable_file", str(path), f"cannot read ({e.strerror})")
-            return
-        text = _decode(data, str(path), sink, whole_file=True)
+        text = _read_text(path, sink)
         if text is not None:
             yield _doc(str(path), text, source, {"path": str(path), "date": _iso(path.stat().st_mtime)}), str(path)
     elif name.endswith((".jsonl", ".jsonl.gz")):
