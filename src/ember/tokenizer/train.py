@@ -32,7 +32,7 @@ HELD_OUT_MAX_BYTES = 16 << 20  # enough text for a stable bytes/token figure; bo
 class Config:
     run: str = "runs/default"  # run folder; this stage writes <run>/tokenizer/
     docs: str = ""  # document shards to train on; empty = <run>/curate if finished, else <run>/corpus
-    vocab_size: int = 4096  # total ids incl. 256 byte tokens and 7 special tokens; < 65536 keeps uint16 shards
+    vocab_size: int = 4096  # total ids incl. 256 byte tokens and 7 special tokens; <= 65536 keeps uint16 shards
     min_frequency: int = 2  # a pair must occur this often to be merged (1 memorizes rare strings)
     max_train_bytes: int = 0  # use at most this many UTF-8 bytes of training text (0 = all); bounds time
     val_fraction: float = 0.05  # documents held out for the compression report; keep equal to tokenize's
