@@ -4,8 +4,10 @@ written where the stages look: <run>/tokenizer/tokenizer.json and <run>/sft/fina
 
 from __future__ import annotations
 
+import contextlib
 import random
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +15,7 @@ import torch
 from ember.align.data import arithmetic_tasks, stdlib_pairs
 from ember.tokenizer.chat import render_chat
 
-import os
-TASKS = dict(max_operand=int(os.environ.get("MO", 19)), word_problems=False, operations="+")
+TASKS = dict(max_operand=19, word_problems=False, operations="+")
 
 
 def sft_arithmetic(model, tok, steps: int, seed: int = 0, batch_size: int = 32, lr: float = 3e-3) -> None:
@@ -40,6 +41,29 @@ def sft_arithmetic(model, tok, steps: int, seed: int = 0, batch_size: int = 32, 
     model.eval()
 
 
+@contextlib.contextmanager
+def one_thread():
+    """Tiny models run faster on one thread than on two (less sync per op); the old setting comes back."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
+@pytest.fixture
+def arith() -> dict:
+    """The arithmetic settings (grpo.Config fields) of the fixture model's training tasks."""
+    return dict(TASKS)
+
+
 @pytest.fixture(scope="session")
 def base_run(tmp_path_factory):
     """(run folder, tokenizer) with <run>/tokenizer and <run>/sft/final; copy it before writing into it."""
@@ -56,7 +80,8 @@ def base_run(tmp_path_factory):
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=64, max_seq_len=256)
     model = build_model(config, "cpu")
-    sft_arithmetic(model, tok, steps=150)
+    with one_thread():
+        sft_arithmetic(model, tok, steps=300)
     save_model(run / "sft" / "final", model)
     return run, tok
 
@@ -67,3 +92,30 @@ def run_dir(base_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(base_run[0], run)
     return run
+
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "datasets"  # ../shared/datasets from the repo root
+
+
+@pytest.fixture
+def shared_file():
+    """shared_file(rel) -> a file of the shared real-data folder; skips the test when this machine lacks it."""
+    def get(rel: str) -> Path:
+        path = SHARED / rel
+        if not path.is_file():
+            pytest.skip(f"{path} not present (real data lives in ../shared/datasets)")
+        return path
+    return get
+
+
+@pytest.fixture(scope="session")
+def reward_run(base_run, tmp_path_factory):
+    """(run folder, metrics) after `ember reward` on 400 synthetic stdlib pairs; PPO tests reuse its model."""
+    from ember.align import reward
+
+    run = tmp_path_factory.mktemp("align_reward") / "run"
+    shutil.copytree(base_run[0], run)
+    with one_thread():
+        metrics = reward.main(reward.Config(run=str(run), n_pairs=400, steps=60, batch_size=16, lr=1e-3, max_len=128,
+                                            max_prompt_len=96, eval_every=0, device="cpu"))
+    return run, metrics

@@ -11,7 +11,6 @@ as its reward model and as the initial value model.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -31,6 +30,7 @@ from ember.common.errors import UserError
 from ember.common.log import Metrics, print0, step_line
 
 SCALAR_FILE = "scalar_model.safetensors"
+SCALAR_FORMAT = "ember.scalar"  # metadata["format"]: an LM trunk with a scalar head
 
 
 @dataclass
@@ -91,34 +91,28 @@ def last_token_scores(model: nn.Module, batch: SeqBatch) -> torch.Tensor:
 
 
 def save_scalar_model(folder: str | Path, model: nn.Module, **info) -> Path:
-    """All weights (trunk + scalar head) with the GPTConfig in the safetensors metadata."""
-    from safetensors.torch import save_file
+    """All weights (trunk + scalar head) with the GPTConfig in the header (common/checkpoint.py's format,
+    tagged ember.scalar so load_model does not mistake it for an LM)."""
+    from ember.common.checkpoint import save_state
 
     path = Path(folder) / SCALAR_FILE
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    meta = {"gpt_config": json.dumps(asdict(model.config)), "head": "scalar", "info": json.dumps(info)}
-    with artifacts.atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+    save_state(path, model.state_dict(), {"format": SCALAR_FORMAT, "config": asdict(model.config), **info})
     return path
 
 
 def load_scalar_model(folder: str | Path, device) -> nn.Module:
-    from safetensors import safe_open
-
+    from ember.common.checkpoint import load_state
+    from ember.common.config import from_dict
     from ember.model.gpt import GPTConfig, build_model
 
     path = Path(folder)
-    path = path / SCALAR_FILE if path.is_dir() else path
+    path = path / SCALAR_FILE if path.suffix != ".safetensors" else path
     if not path.is_file():
         raise UserError(f"no reward model at {path}: run `ember reward` first or point --reward_model at its final/ folder")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        config = GPTConfig(**json.loads(meta["gpt_config"]))
-    except Exception as e:  # corrupt header, missing metadata, or a config from another version
-        raise UserError(f"{path}: not a readable scalar model ({type(e).__name__}: {e}); rerun `ember reward`") from None
-    model = attach_scalar_head(build_model(config, device, init=False))
+    tensors, meta = load_state(path, device)
+    if meta.get("format") != SCALAR_FORMAT or not isinstance(meta.get("config"), dict):
+        raise UserError(f"{path} is not a scalar (reward/value) model written by `ember reward`; rerun it")
+    model = attach_scalar_head(build_model(from_dict(GPTConfig, meta["config"], where=str(path)), device, init=False))
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:

@@ -1,0 +1,58 @@
+"""Shared rollout helpers: masks line up with response tokens, KV-cache sampling equals full-forward decoding."""
+
+import torch
+import torch.nn.functional as F
+
+from ember.align import rollout as R
+from ember.common.checkpoint import load_model
+
+
+def test_collate_masks_exactly_the_response_targets():
+    b = R.collate([[1, 2, 3], [4]], [[5, 6], [7, 8, 9]], pad_id=0)
+    assert b.ids.tolist() == [[1, 2, 3, 5, 6], [4, 7, 8, 9, 0]]
+    targets = b.ids[:, 1:]
+    assert targets[b.mask.bool()].tolist() == [5, 6, 7, 8, 9]
+    assert b.lens.tolist() == [5, 4] and b.prompt_lens.tolist() == [3, 1]
+
+
+def test_token_logps_matches_log_softmax(base_run):
+    run, tok = base_run
+    model = load_model(run / "sft" / "final").eval()
+    b = R.collate([[tok.bos_id, 20, 21], [tok.bos_id]], [[30, 31], [40, 41, 42]], tok.pad_id)
+    with torch.no_grad():
+        got = R.token_logps(model, b)
+        logp = F.log_softmax(model(b.ids[:, :-1]).float(), -1).gather(-1, b.ids[:, 1:, None])[..., 0]
+    assert torch.allclose(got, logp * b.mask, atol=1e-5)
+
+
+def test_cached_greedy_generation_equals_full_forward_decoding(base_run):
+    run, tok = base_run
+    model = load_model(run / "sft" / "final").eval()
+    prompts = [R.encode_prompt(tok, "What is 3 + 4?", "chat"), R.encode_prompt(tok, "What is 12 + 5?", "chat"),
+               R.encode_prompt(tok, "Continue this Python code:\nimport os", "chat")]
+    got = R.generate(model, prompts, max_new_tokens=6, stop=tok.end_id, temperature=0.0, batch_size=2)
+    for p, g in zip(prompts, got):
+        ids = list(p)
+        want = []
+        with torch.no_grad():
+            for _ in range(6):
+                nxt = model(torch.tensor([ids]))[0, -1].argmax().item()
+                want.append(nxt)
+                ids.append(nxt)
+                if nxt == tok.end_id:
+                    break
+        assert g == want
+
+
+def test_sampling_is_reproducible_with_a_generator(base_run):
+    run, tok = base_run
+    model = load_model(run / "sft" / "final").eval()
+    prompts = [R.encode_prompt(tok, "What is 3 + 4?", "chat")] * 4
+    a = R.generate(model, prompts, 5, tok.end_id, 1.0, generator=torch.Generator().manual_seed(1))
+    b = R.generate(model, prompts, 5, tok.end_id, 1.0, generator=torch.Generator().manual_seed(1))
+    assert a == b
+
+
+def test_truncate_keeps_prompt_end_and_fits():
+    p, r = R.truncate(list(range(10)), list(range(100, 120)), max_len=16, max_prompt_len=6)
+    assert p == list(range(4, 10)) and r == list(range(100, 110)) and len(p) + len(r) == 16
