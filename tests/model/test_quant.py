@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from ember.model.quant import (DYNAMIC8, NF4_CODE, NF4Embedding, NF4Linear, dequantize_blockwise,
+from ember.model.quant import (DYNAMIC8, NF4_CODE, NF4Embedding, NF4Linear, dequantize_blockwise, dequantize_nf4_,
                                frozen_weight_bytes, pack_nibbles, quantize_blockwise, quantize_nf4,
                                quantize_nf4_, unpack_nibbles)
 
@@ -147,3 +147,7 @@ def test_quantize_model_memory():
     for p in model.parameters():
         p.requires_grad_(False)
     assert frozen_weight_bytes(model) <= 0.3 * bf16_bytes
+    want = model(idx)
+    dequantize_nf4_(model)  # back to plain modules, same function, ordinary state-dict keys
+    assert set(model.state_dict()) == set(ref.state_dict()) and type(model.lm_head) is nn.Linear
+    torch.testing.assert_close(model(idx), want, atol=1e-6, rtol=1e-6)

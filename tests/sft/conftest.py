@@ -3,6 +3,8 @@ tiny random GPT; `run_folder` writes them where `ember sft` looks (<run>/tokeniz
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -15,6 +17,14 @@ MAX_FILES = 60  # stdlib files parsed for the fixtures: a few hundred conversati
 @pytest.fixture(scope="session")
 def convs():
     return stdlib_conversations(max_examples=400, seed=0, max_files=MAX_FILES)
+
+
+@pytest.fixture(scope="session")
+def chat_file(convs, tmp_path_factory):
+    """The fixture conversations as a {"messages": ...} JSONL file (saves re-parsing the stdlib per run)."""
+    path = tmp_path_factory.mktemp("data") / "chat.jsonl"
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ The base may be an nn.Linear or a frozen NF4Linear (QLoRA); the adapter is alway
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from pathlib import Path
 from typing import Iterator
@@ -17,10 +16,6 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
-
-from ember.common import artifacts
 from ember.common.errors import UserError
 
 # Target groups by the leaf names in model/gpt.py; a target may also be one leaf name ("q_proj", "lm_head").
@@ -30,6 +25,7 @@ GROUPS = {
 }
 GROUPS["all"] = GROUPS["attn"] + GROUPS["mlp"]
 ADAPTER_FILE = "adapter.safetensors"
+ADAPTER_FORMAT = "ember.lora"  # metadata["format"] of an adapter file
 
 
 class LoRALinear(nn.Module):
@@ -153,31 +149,30 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 def save_adapter(folder: str | Path, model: nn.Module, **info) -> Path:
     """Write `<folder>/adapter.safetensors` (adapter weights only) with r, alpha and targets in the metadata."""
+    from ember.common.checkpoint import save_state
+
     mods = list(lora_modules(model))
     assert mods, "save_adapter: the model has no LoRA layers"
     _, first = mods[0]
     meta = {"r": first.r, "alpha": first.alpha, "targets": sorted({n.rsplit(".", 1)[-1] for n, _ in mods}), **info}
-    tensors = {k: v.detach().contiguous().cpu() for k, v in lora_state_dict(model).items()}
     path = Path(folder) / ADAPTER_FILE
-    with artifacts.atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"lora": json.dumps(meta)})
+    save_state(path, lora_state_dict(model), {"format": ADAPTER_FORMAT, "lora": meta})
     return path
 
 
 def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, meta) of an adapter file or of the folder that holds it."""
+    from ember.common.checkpoint import load_state
+
     path = Path(path)
     if path.is_dir():
         path = path / ADAPTER_FILE
     if not path.is_file():
         raise UserError(f"no LoRA adapter at {path}: point to a folder written by `ember sft --method=lora`")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("lora", "{}"))
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise UserError(f"{path}: not a readable adapter file ({e}); rerun the stage that wrote it") from None
-    return tensors, meta
+    tensors, meta = load_state(path)
+    if meta.get("format") != ADAPTER_FORMAT or not isinstance(meta.get("lora"), dict):
+        raise UserError(f"{path} is not a LoRA adapter written by ember (format {meta.get('format')!r})")
+    return tensors, meta["lora"]
 
 
 def load_adapter(path: str | Path, model: nn.Module, dropout: float = 0.0) -> nn.Module:

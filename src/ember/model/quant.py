@@ -43,6 +43,7 @@ def dynamic_code() -> torch.Tensor:
 
 
 DYNAMIC8 = dynamic_code()
+_NF4_PAIRS = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)], dim=1)  # byte -> (hi, lo) levels
 
 
 # ---------------------------------------------------------------------------- block-wise absmax codes
@@ -103,8 +104,14 @@ class NF4:
         return dequantize_blockwise(self.scale_codes, self.scale_absmax, DYNAMIC8, self.scale_block) + self.scale_offset
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        codes = unpack_nibbles(self.packed, math.prod(self.shape))
-        return dequantize_blockwise(codes, self.scales(), NF4_CODE, self.block).view(self.shape).to(dtype)
+        n = math.prod(self.shape)
+        if n % self.block or self.block % 2:  # ragged last block: the general path
+            codes = unpack_nibbles(self.packed, n)
+            return dequantize_blockwise(codes, self.scales(), NF4_CODE, self.block).view(self.shape).to(dtype)
+        # one gather per byte from a (256, 2) table of its two levels, then one in-place scale per block:
+        # ~3x faster than unpacking nibbles and gathering per weight (this runs in every QLoRA forward/backward)
+        pairs = F.embedding(self.packed.int(), _NF4_PAIRS.to(self.packed.device))  # (numel / 2, 2)
+        return pairs.view(-1, self.block).mul_(self.scales()[:, None]).view(self.shape).to(dtype)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.packed, self.scale_codes, self.scale_absmax, self.scale_offset))
@@ -197,6 +204,27 @@ def quantize_nf4_(model: nn.Module, block: int = 64, scale_block: int = 256) -> 
                 setattr(module, child_name, NF4Linear(child, block, scale_block))
             elif type(child) is nn.Embedding:
                 setattr(module, child_name, NF4Embedding(child, block, scale_block))
+    return model
+
+
+@torch.no_grad()
+def dequantize_nf4_(model: nn.Module) -> nn.Module:
+    """The inverse swap: every NF4Linear / NF4Embedding back to a plain module holding its de-quantized weight
+    (e.g. to save a QLoRA-trained model in the ordinary format after merge_lora)."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, NF4Linear):
+                plain = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                  device=child.packed.device, dtype=child.weight_dtype)
+                if child.bias is not None:
+                    plain.bias.copy_(child.bias)
+            elif isinstance(child, NF4Embedding):
+                plain = nn.Embedding(child.num_embeddings, child.embedding_dim, device=child.packed.device,
+                                     dtype=child.weight_dtype)
+            else:
+                continue
+            plain.weight.copy_(child.dequantize())
+            setattr(module, name, plain)
     return model
 
 

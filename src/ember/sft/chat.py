@@ -1,0 +1,110 @@
+"""`ember chat`: talk to a fine-tuned checkpoint in the terminal, one user message per line.
+
+    ember chat                                        # <run>/sft/final
+    echo "Suggest a name for a function that sorts a list." | ember chat --temperature=0
+    ember chat --model=runs/demo/sft/final --system="You are terse."
+
+Each line read from stdin is a user turn; the reply is generated with the chat template until <|end|>.
+`/reset` forgets the conversation, `/quit` (or end of input) exits. Works the same when stdin is a pipe,
+so it can be scripted and tested; the `you>` prompt is shown only on a terminal.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ember.common.config import require
+from ember.common.log import print0
+
+
+@dataclass
+class Config:
+    run: str = "runs/default"  # run folder; the model defaults to <run>/sft/final (nothing is written)
+    model: str = ""  # checkpoint folder; empty = <run>/sft/final
+    tokenizer: str = ""  # tokenizer.json; empty = the one saved beside the model, else <run>/tokenizer/tokenizer.json
+    system: str = ""  # system message that opens every conversation; empty = none
+    max_new_tokens: int = 256  # reply length cap in tokens
+    temperature: float = 0.7  # softmax temperature; 0 = greedy (deterministic)
+    top_k: int = 50  # sample among the k most likely tokens; 0 = all
+    seed: int = 0  # sampling seed
+    device: str = "auto"  # cpu, cuda, mps; auto = the best available
+
+    def __post_init__(self):
+        require(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "an int >= 1")
+        require(self.temperature >= 0, "temperature", self.temperature, "a float >= 0 (0 = greedy)")
+        require(self.top_k >= 0, "top_k", self.top_k, "an int >= 0 (0 = no cut)")
+
+
+def fit_history(tok, messages: list[dict], room: int) -> list[int]:
+    """Prompt ids for the conversation, dropping the oldest exchanges (never the system message nor the
+    latest user turn) until it leaves `room` tokens of the context for the reply."""
+    from ember.tokenizer.chat import render_chat
+
+    msgs = list(messages)
+    while True:
+        ids, _ = render_chat(tok, msgs, add_generation_prompt=True)
+        first = 1 if msgs[0]["role"] == "system" else 0
+        if len(ids) <= room or len(msgs) - first <= 1:
+            return ids[-room:]  # a single over-long turn keeps its end
+        del msgs[first:first + 2]  # one user turn and its reply
+
+
+def reply(model, tok, messages: list[dict], cfg: Config, gen: torch.Generator) -> str:
+    from ember.pretrain.sample import generate
+
+    limit = model.config.max_seq_len
+    max_new = min(cfg.max_new_tokens, limit // 2)
+    ids = fit_history(tok, messages, limit - max_new)
+    out = generate(model, ids, max_new, cfg.temperature, cfg.top_k, gen, stop_id=tok.end_id)
+    return tok.decode(out).strip()
+
+
+def main(cfg: Config, stdin=None, stdout=None) -> dict:
+    from ember.common.checkpoint import load_model
+    from ember.common.dist import pick_device
+    from ember.tokenizer.special import load_tokenizer
+
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    model_dir = Path(cfg.model or Path(cfg.run) / "sft" / "final")
+    tok_path = Path(cfg.tokenizer) if cfg.tokenizer else (
+        model_dir / "tokenizer.json" if (model_dir / "tokenizer.json").is_file()
+        else Path(cfg.run) / "tokenizer" / "tokenizer.json")
+    model = load_model(model_dir, device=pick_device(cfg.device))
+    model.eval()
+    tok = load_tokenizer(tok_path)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    tty = hasattr(stdin, "isatty") and stdin.isatty()
+    start = [{"role": "system", "content": cfg.system}] if cfg.system else []
+    messages, turns = list(start), 0
+    if tty:
+        print0(f"[chat] {model_dir} — type a message; /reset starts over, /quit exits")
+    while True:
+        if tty:
+            stdout.write("you> ")
+            stdout.flush()
+        line = stdin.readline()
+        if not line or line.strip() == "/quit":
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/reset":
+            messages = list(start)
+            continue
+        messages.append({"role": "user", "content": text})
+        answer = reply(model, tok, messages, cfg, gen)
+        messages.append({"role": "assistant", "content": answer})
+        turns += 1
+        stdout.write(f"{answer}\n" if not tty else f"bot> {answer}\n")
+        stdout.flush()
+    return {"turns": turns}
+
+
+if __name__ == "__main__":
+    from ember.cli import module_main
+
+    module_main(__name__)

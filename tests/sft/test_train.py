@@ -1,0 +1,108 @@
+"""The `ember sft` recipe end to end on a tiny model, and `ember chat` on its output (stdin not a TTY)."""
+
+import io
+import json
+
+import pytest
+import torch
+
+from ember.cli import main as cli_main
+from ember.common.checkpoint import load_model
+from ember.common.errors import UserError
+from ember.model.lora import load_adapter
+from ember.sft import chat, train
+
+
+def config(run, **kw) -> train.Config:
+    base = dict(run=str(run), max_examples=240, max_files=60, steps=6, batch_size=4, seq_len=128, stop_prompts=3,
+                lora_r=4, lora_alpha=8, log_every=3)
+    base.update(kw)
+    return train.Config(**base)
+
+
+def logits(model, idx):
+    with torch.no_grad():
+        return model.eval()(idx)
+
+
+def test_lora_run_writes_adapter_and_merged_model(run_folder, capsys):
+    m = train.main(config(run_folder, method="lora"))
+    out = run_folder / "sft"
+    assert m["method"] == "lora" and m["steps"] == 6 and 0 < m["trainable_params"] < 60_000
+    assert m["val_loss"] < m["val_loss_before"]  # even 6 steps move the reply loss
+    assert 0 <= m["stop_rate"] <= 1 and 0 < m["fill"] <= 1
+    for f in ("final/model.safetensors", "final/adapter.safetensors", "final/tokenizer.json", "data/train.jsonl",
+              "data/val.jsonl", "samples.jsonl", "metrics.jsonl", "meta.json"):
+        assert (out / f).is_file(), f
+    lines = (out / "data" / "train.jsonl").read_text().splitlines()
+    assert len(lines) == m["train_conversations"] and "messages" in json.loads(lines[0])
+    # the merged model == the pretrained base + the saved adapter
+    merged = load_model(out / "final", device="cpu")
+    base_plus = load_adapter(out / "final", load_model(run_folder / "pretrain" / "final", device="cpu"))
+    idx = torch.randint(0, merged.config.vocab_size, (2, 24))
+    torch.testing.assert_close(logits(merged, idx), logits(base_plus, idx), atol=1e-5, rtol=1e-5)
+    assert "step 00006/00006" in capsys.readouterr().out
+    assert train.main(config(run_folder, method="lora")) == m  # finished run with same config: cached
+
+
+@pytest.mark.parametrize("method", ["qlora", "full"])
+def test_qlora_and_full(run_folder, chat_file, method):
+    m = train.main(config(run_folder, data=str(chat_file), method=method, packing=method == "full", steps=4))
+    final = run_folder / "sft" / "final"
+    assert (final / "adapter.safetensors").is_file() == (method == "qlora")
+    model = load_model(final, device="cpu")
+    base = load_model(run_folder / "pretrain" / "final", device="cpu")
+    idx = torch.randint(0, model.config.vocab_size, (1, 16))
+    assert not torch.allclose(logits(model, idx), logits(base, idx))
+    if method == "full":
+        assert m["trainable_params"] == base.num_params()
+
+
+def test_user_errors(run_folder, tmp_path):
+    assert cli_main(["sft", "--method=dora", "--dry-run"]) == 2  # printed as one error line
+    with pytest.raises(UserError, match="LoRA target"):
+        train.Config(lora_targets=["attention"])
+    with pytest.raises(UserError, match="input 'model' not found"):
+        train.main(config(tmp_path / "empty"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    with pytest.raises(UserError, match="bad.jsonl:1: conversation has no assistant"):
+        train.main(config(run_folder, data=str(bad)))
+
+
+def test_cli_help_lists_sft_and_chat(capsys):
+    assert cli_main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert "sft" in text and "chat" in text
+    assert cli_main(["sft", "--help"]) == 0
+    assert "--method=" in capsys.readouterr().out
+
+
+def test_chat_reads_stdin(run_folder, chat_file, monkeypatch):
+    train.main(config(run_folder, data=str(chat_file), steps=2, stop_prompts=1))
+    cfg = chat.Config(run=str(run_folder), temperature=0.0, max_new_tokens=12, system="Be brief.")
+    stdin = io.StringIO("What does len do?\n\n/reset\nSuggest a name for a sorting function.\n/quit\nnot read\n")
+    stdout = io.StringIO()
+    assert chat.main(cfg, stdin=stdin, stdout=stdout) == {"turns": 2}
+    assert stdout.getvalue().count("\n") >= 2
+    # through the `ember chat` command, with sys.stdin a pipe (not a TTY); greedy answers repeat exactly
+    outs = []
+    for _ in range(2):
+        monkeypatch.setattr("sys.stdin", io.StringIO("What does len do?\n"))
+        monkeypatch.setattr("sys.stdout", buf := io.StringIO())
+        assert cli_main(["chat", f"--run={run_folder}", "--temperature=0", "--max_new_tokens=8"]) == 0
+        outs.append(buf.getvalue())
+    assert outs[0] == outs[1] and outs[0].strip()
+
+
+def test_fit_history_drops_oldest_turns(tok):
+    msgs = [{"role": "system", "content": "s"}]
+    for i in range(6):
+        msgs += [{"role": "user", "content": f"question {i} " * 5}, {"role": "assistant", "content": f"answer {i} " * 5}]
+    msgs.append({"role": "user", "content": "last"})
+    full = chat.fit_history(tok, msgs, 10_000)
+    short = chat.fit_history(tok, msgs, 60)
+    assert len(short) <= 60 < len(full)
+    text = tok.decode(short)
+    assert text.startswith("<|bos|><|system|>s") and text.endswith("last<|end|><|assistant|>")
+    assert "question 0" not in text
