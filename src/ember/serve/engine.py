@@ -169,7 +169,6 @@ class SlotCache:
         self.v = torch.zeros(shape, device=w.device, dtype=w.dtype)
         self.lengths = [0] * n_slots  # positions filled in each slot
         self.max_len = max_len
-        self.pos = 0  # unused by our forward; present so code that reads cache.pos does not fail
 
     def set_rows(self, slots: list[int], T: int) -> None:
         self.rows, self.T = slots, T
