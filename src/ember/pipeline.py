@@ -28,7 +28,8 @@ def _have(module: str) -> bool:
 
 
 def quickstart(run: str, smoke: bool = False) -> list[Step]:
-    """stdlib corpus -> curate -> tokenizer -> tokenize -> pretrain -> sample; only the stages built so far."""
+    """stdlib corpus -> curate -> tokenizer -> tokenize -> pretrain -> sample -> eval -> card; only the stages
+    built so far."""
     steps: list[Step] = []
     if _have("ember.data.corpus"):
         from ember.data import corpus
@@ -48,6 +49,10 @@ def quickstart(run: str, smoke: bool = False) -> list[Step]:
     if _have("ember.pretrain.sample"):
         from ember.pretrain import sample
         steps.append(("sample", sample.main, sample.PRESETS["smoke" if smoke else "quickstart"]()))
+    if _have("ember.eval.harness"):  # last: it evaluates the final checkpoint, then the card reads everything
+        from ember.eval import card, harness
+        steps.append(("eval", harness.main, harness.PRESETS["smoke" if smoke else "quickstart"]()))
+        steps.append(("card", card.main, card.PRESETS["smoke" if smoke else "quickstart"]()))
     for _, _, cfg in steps:
         cfg.run = run
     return steps

@@ -46,6 +46,15 @@ def test_long_context_is_truncated_from_the_left(bigram):
     assert close(lp, hand(bigram, ctx + cont, len(ctx)))  # a bigram only needs the previous token
 
 
+def test_long_continuation_is_scored_in_windows(bigram):
+    lm = EvalLM(fn=bigram, tokenizer=ByteTokenizer(), max_len=8, batch_size=3)
+    ctx, cont = [256, 5, 6], list(range(10, 40))
+    (lp, greedy), (lp2, _) = loglikelihood(lm, [(ctx, cont), (ctx, cont[:4])])
+    assert close(lp, hand(bigram, ctx + cont, len(ctx))) and close(lp2, hand(bigram, ctx + cont[:4], len(ctx)))
+    with pytest.raises(UserError, match="empty context"):
+        loglikelihood(lm, [([], [1, 2])])
+
+
 def test_encode_pair_moves_trailing_space_and_adds_bos(lm):
     ctx, cont = lm.encode_pair("Question: 2+2 ", "4")
     assert ctx == [256] + list(b"Question: 2+2") and cont == list(b" 4")

@@ -158,9 +158,12 @@ def test_perplexity_and_bits_per_byte_by_hand(bigram, tmp_path):
 
 def test_perplexity_text_file_chunks(tmp_path):
     p = tmp_path / "book.txt"
-    p.write_text("\n\n".join(f"paragraph {i} " * 40 for i in range(30)))
+    text = "\n\n".join(f"paragraph {i} " * 40 for i in range(30)) + "\n" + "\n".join(["code line"] * 900)
+    p.write_text(text)
     items = perplexity.load(p)
-    assert len(items) > 1 and "".join(it["text"] for it in items).count("paragraph 29") == 40
+    assert len(items) > 3 and "".join(it["text"] for it in items) == text  # lossless cut
+    assert all(len(it["text"]) <= perplexity.CHUNK_CHARS for it in items)
+    assert all(it["text"].endswith("\n\n") for it in items[:2])  # cut after a blank line where possible
 
 
 def test_reference_task_bleu_rouge_with_scripted_model():

@@ -68,44 +68,48 @@ class EvalLM:
 @torch.inference_mode()
 def loglikelihood(lm: EvalLM, requests: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
     """For each (context ids, continuation ids): (sum of log p(continuation | context), whether every
-    continuation token is the argmax). Sequences longer than lm.max_len + 1 lose context from the left.
+    continuation token is the argmax). Context is cut from the left to fit lm.max_len; a continuation longer
+    than that is scored in rolling windows (each token once, with as much context as fits).
 
     Batched longest-first (similar lengths share a batch, so little padding) and returned in input order."""
-    out: list[tuple[float, bool] | None] = [None] * len(requests)
-    rows = []
+    rows, owner = [], []  # one row per window; owner = index of the request it belongs to
     for i, (ctx, cont) in enumerate(requests):
-        if not cont:
-            raise UserError(f"loglikelihood request {i} has an empty continuation; nothing to score")
-        if len(cont) > lm.max_len:
-            raise UserError(f"loglikelihood request {i}: continuation of {len(cont)} tokens exceeds the "
-                            f"model's max_len {lm.max_len}; shorten it or score it with rolling windows")
-        seq = (ctx + cont)[-(lm.max_len + 1):]
-        rows.append((len(seq), i, seq, len(cont)))
-    rows.sort(key=lambda r: -r[0])
-    for b in range(0, len(rows), lm.batch_size):
-        batch = rows[b:b + lm.batch_size]
+        if not cont or not ctx:
+            raise UserError(f"loglikelihood request {i} has an empty {'continuation' if not cont else 'context'}; "
+                            f"the context needs at least one token (BOS) to predict the first continuation token")
+        ids = ctx + cont
+        for s, a, b in rolling_windows(len(ids), lm.max_len, first=max(len(ctx), 1)):
+            rows.append((b - s, len(rows), ids[s:b], b - a))
+            owner.append(i)
+    scores = [(0.0, True)] * len(rows)
+    order = sorted(rows, key=lambda r: -r[0])
+    for b in range(0, len(order), lm.batch_size):
+        batch = order[b:b + lm.batch_size]
         T = batch[0][0] - 1  # inputs are seq[:-1]
         idx = torch.zeros(len(batch), T, dtype=torch.long)
         tgt = torch.zeros(len(batch), T, dtype=torch.long)
         for r, (n, _, seq, _) in enumerate(batch):
             idx[r, :n - 1] = torch.tensor(seq[:-1])
             tgt[r, :n - 1] = torch.tensor(seq[1:])
-        scores = lm.fn(idx.to(lm.device)).float()  # (B, T, V)
-        tgt = tgt.to(scores.device)
-        logp = scores.gather(-1, tgt[..., None]).squeeze(-1) - torch.logsumexp(scores, dim=-1)  # (B, T)
-        greedy = scores.argmax(dim=-1) == tgt  # (B, T)
-        for r, (n, i, _, n_cont) in enumerate(batch):
-            sl = slice(n - 1 - n_cont, n - 1)  # positions whose targets are the continuation
-            out[i] = (float(logp[r, sl].sum()), bool(greedy[r, sl].all()))
-    return out  # type: ignore[return-value]
+        out = lm.fn(idx.to(lm.device)).float()  # (B, T, V)
+        tgt = tgt.to(out.device)
+        logp = out.gather(-1, tgt[..., None]).squeeze(-1) - torch.logsumexp(out, dim=-1)  # (B, T)
+        greedy = out.argmax(dim=-1) == tgt  # (B, T)
+        for r, (n, j, _, n_cont) in enumerate(batch):
+            sl = slice(n - 1 - n_cont, n - 1)  # positions whose targets are the scored tokens
+            scores[j] = (float(logp[r, sl].sum()), bool(greedy[r, sl].all()))
+    result = [(0.0, True)] * len(requests)
+    for (lp, g), i in zip(scores, owner):
+        result[i] = (result[i][0] + lp, result[i][1] and g)
+    return result
 
 
-def rolling_windows(n: int, max_len: int, stride: int = 0) -> list[tuple[int, int, int]]:
+def rolling_windows(n: int, max_len: int, stride: int = 0, first: int = 1) -> list[tuple[int, int, int]]:
     """Windows (s, a, b) over a sequence of n tokens: input ids[s:b-1] predicts ids[a:b], and only those
-    b - a tokens are counted. Every token but the first is predicted exactly once, with up to max_len
+    b - a tokens are counted. Every token from `first` on is predicted exactly once, with up to max_len
     tokens of context; stride (<= max_len, 0 = max_len) is how many new tokens each window scores."""
     stride = min(stride or max_len, max_len)
-    return [(max(0, min(a + stride, n) - 1 - max_len), a, min(a + stride, n)) for a in range(1, n, stride)]
+    return [(max(0, min(a + stride, n) - 1 - max_len), a, min(a + stride, n)) for a in range(first, n, stride)]
 
 
 def rolling_loglikelihood(lm: EvalLM, ids: list[int], stride: int = 0) -> list[tuple[float, int]]:

@@ -1,8 +1,9 @@
 """Perplexity and bits-per-byte on held-out text.
 
-Items are documents: JSONL(.gz) rows with "text", Parquet document shards (a file or a folder of
-docs_*.parquet), or a .txt(.gz) file cut at blank lines into chunks of ~4,000 characters. Each document
-is scored in windows of the model's context (scoring.rolling_windows), every token predicted once.
+Texts: JSONL(.gz) rows with "text", Parquet document shards (a file or a folder of docs_*.parquet), or a
+.txt(.gz) file. Every text is cut at paragraph (else line) boundaries into items of ~4,000 characters, so
+a --limit and the bootstrap see comparable units however long the documents are. Each item is scored in
+windows of the model's context (scoring.rolling_windows), every token predicted once.
 perplexity = exp(sum nll / tokens); bits_per_byte = sum nll / ln 2 / UTF-8 bytes, which is comparable
 across tokenizers. The bootstrap resamples whole documents.
 """
@@ -21,16 +22,29 @@ from ember.eval.tasks.common import Options, Scored, Task, open_text, read_jsonl
 CHUNK_CHARS = 4000
 
 
-def _chunks(text: str) -> list[str]:
-    out, cur = [], ""
-    for para in text.split("\n\n"):
-        if cur and len(cur) + len(para) > CHUNK_CHARS:
-            out.append(cur)
-            cur = ""
-        cur = f"{cur}\n\n{para}" if cur else para
-    if cur.strip():
-        out.append(cur)
+def chunks(text: str, size: int = CHUNK_CHARS) -> list[str]:
+    """Cut text into pieces of about `size` characters, after a blank line where possible, else after a
+    line; lossless: "".join(chunks(t)) == t."""
+    out, cur, n, blank_at = [], [], 0, 0  # blank_at: lines of cur up to the last blank line
+    for line in text.splitlines(keepends=True):
+        while cur and n + len(line) > size:  # at most twice: after the last blank line, then after any line
+            cut = blank_at or len(cur)
+            out.append("".join(cur[:cut]))
+            cur = cur[cut:]
+            n, blank_at = sum(map(len, cur)), 0
+        cur.append(line)
+        n += len(line)
+        if not line.strip():
+            blank_at = len(cur)
+    if cur:
+        out.append("".join(cur))
     return out
+
+
+def _items(texts: list[str], ids: list[str] | None = None) -> list[dict]:
+    ids = ids or [str(i) for i in range(len(texts))]
+    return [{"id": f"{i}#{k}" if k else i, "text": c} for i, t in zip(ids, texts) for k, c in enumerate(chunks(t))
+            if c.strip()]
 
 
 def load(path: Path) -> list[dict]:
@@ -47,10 +61,10 @@ def load(path: Path) -> list[dict]:
             texts.append(row["text"])
     elif path.is_file():
         with open_text(path) as f:
-            texts = _chunks(f.read())
+            texts = [f.read()]
     else:
         raise UserError(f"held-out text {path} not found; pass ppl:PATH (.txt, .jsonl, .parquet or a docs folder)")
-    return [{"id": str(i), "text": t} for i, t in enumerate(texts) if t.strip()]
+    return _items(texts)
 
 
 def heldout_split(run: str | Path) -> tuple[Path, float] | None:
@@ -69,8 +83,8 @@ def load_heldout(docs: Path, val_fraction: float) -> list[dict]:
     from ember.data.documents import read_shards
     from ember.data.tokenize import is_val
 
-    return [{"id": d["id"], "text": d["text"]} for d in read_shards(docs) if is_val(d["id"], val_fraction)
-            and d["text"].strip()]
+    held = [d for d in read_shards(docs) if is_val(d["id"], val_fraction)]
+    return _items([d["text"] for d in held], [d["id"] for d in held])
 
 
 def _stat(cols):
