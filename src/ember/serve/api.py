@@ -223,7 +223,8 @@ def create_app(models: list[Served], limits: Limits | None = None, *, api_key: s
         for e in engines.values():
             e.start()
         yield
-        await asyncio.gather(*(asyncio.to_thread(e.stop, limits.request_timeout_s) for e in engines.values()))
+        # uvicorn has already drained (or dropped) the connections, so what is left in the engines is cancelled soon
+        await asyncio.gather(*(asyncio.to_thread(e.stop, 5.0) for e in engines.values()))
 
     app = FastAPI(title="ember serve", version="1", lifespan=lifespan,
                   description="OpenAI-compatible completions and chat over ember models.")

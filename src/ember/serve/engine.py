@@ -134,7 +134,8 @@ def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator |
     probs = filtered.softmax(-1)
     if not torch.isfinite(probs).all() or probs.sum() <= 0:
         return int(torch.argmax(filtered))
-    return int(torch.multinomial(probs, 1, generator=generator))
+    # draw on the CPU with the request's CPU generator: the same seed gives the same tokens on any device
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
 def holdback(text: str, stops: tuple[str, ...]) -> int:
