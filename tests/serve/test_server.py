@@ -214,3 +214,31 @@ def test_empty_text_prompt_is_generation_from_bos(kit, server):
     """As OpenAI: prompt "" means "start from the beginning of a document"."""
     status, data = kit.http("POST", server[0] + "/v1/completions", {"prompt": "", "max_tokens": 5, "temperature": 0})
     assert status == 200 and data["usage"]["prompt_tokens"] == 1
+
+
+def test_default_checkpoint_and_ember_chat_template(kit, tmp_path):
+    """`ember serve` in a run folder: sft/final wins over pretrain/final; the run's tokenizer is found; chat
+    requests are rendered with ember's template and stop at <|end|>."""
+    import torch
+
+    from ember.common.checkpoint import save_model
+    from ember.model.gpt import GPTConfig, build_model
+    from ember.serve.server import Config, build_app, load_models
+    from ember.tokenizer.chat import render_chat
+    from ember.tokenizer.train import save, train_tokenizer
+
+    tok = train_tokenizer(["hello there, how are you? fine thanks. " * 4], 280, 1)
+    save(tok, tmp_path / "tokenizer")
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=288, n_layer=1, n_head=2, n_kv_head=1, n_embd=16, max_seq_len=64)
+    save_model(tmp_path / "pretrain" / "final", build_model(cfg, "cpu"))
+    assert [m.name for m in load_models(Config(run=str(tmp_path)))] == [f"{tmp_path.name}-pretrain"]
+    save_model(tmp_path / "sft" / "final", build_model(cfg, "cpu"))
+    (served,) = load_models(Config(run=str(tmp_path)))
+    assert served.name == f"{tmp_path.name}-sft" and served.stop_ids == (tok.eos_id, tok.end_id)
+    msgs = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "hello there"}]
+    assert served.render_chat(msgs) == render_chat(tok, msgs, add_generation_prompt=True)[0]
+    with kit.Server(build_app(Config(run=str(tmp_path), max_tokens=8), [served])) as url:
+        status, data = kit.http("POST", url + "/v1/chat/completions", {"messages": msgs, "max_tokens": 8})
+        assert status == 200 and data["model"] == served.name
+        assert data["usage"]["prompt_tokens"] == len(served.render_chat(msgs))
