@@ -204,3 +204,17 @@ def test_params_validation():
                 dict(repetition_penalty=0), dict(presence_penalty=3), dict(stop=("",))):
         with pytest.raises(UserError):
             SamplingParams(**bad)
+
+
+def test_a_failing_callback_cancels_only_its_request(tiny):
+    model, tok = tiny
+    engine = Engine(model, tok, n_slots=2)
+
+    def boom(r, delta):
+        raise RuntimeError("client gone")
+
+    bad = engine.submit([0, 5, 6], SamplingParams(max_tokens=20, seed=1), on_event=boom)
+    good = engine.submit([0, 5, 6], SamplingParams(max_tokens=20, seed=1))
+    while engine.step():
+        pass
+    assert bad.finish_reason == "cancelled" and good.finish_reason == "length" and len(good.tokens) == 20

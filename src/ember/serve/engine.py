@@ -420,8 +420,15 @@ class Engine:
         end = len(r.text) - holdback(r.text, p.stop)
         if end > r.sent:
             delta, r.sent = r.text[r.sent:end], end
-            if r.on_event is not None:
+            self._notify(r, delta)
+
+    def _notify(self, r: Request, delta: str) -> None:
+        """Call the request's callback; one that raises (its client's event loop is gone) cancels only it."""
+        if r.on_event is not None:
+            try:
                 r.on_event(r, delta)
+            except Exception:
+                r.cancel()
 
     def _decode(self, r: Request, ids: list[int]) -> str:
         """Text of the generated ids as a continuation of the prompt: decoded after the prompt's last tokens,
@@ -446,5 +453,4 @@ class Engine:
         delta = r.text[r.sent:] if reason in ("stop", "length") else ""
         r.sent = len(r.text)
         r.done.set()
-        if r.on_event is not None:
-            r.on_event(r, delta)
+        self._notify(r, delta)
