@@ -13,7 +13,9 @@ trained first (vocab 4096, the quickstart preset); that time is not measured.
                               tiktoken cannot download them here): encode_ordinary per document, 1 thread,
                               and encode_ordinary_batch on N threads
   tokenizers GPT-2 loop       HF tokenizers with the same GPT-2 files, to separate vocabulary from engine
-Each method runs `--repeat` times; the best (least disturbed) time is reported, as timeit does.
+Methods run in rounds (each once per round, `--repeat` rounds) and the best (least disturbed) wall time is
+reported, as timeit does, with the CPU seconds of that run (all threads of this process): on a shared machine wall time suffers from other jobs' load, while
+MB per CPU-second measures the work itself; the wall-time speedup of threads needs idle cores to show.
 """
 
 from __future__ import annotations
@@ -55,15 +57,6 @@ def tiktoken_gpt2(folder: Path):
                              special_tokens={"<|endoftext|>": vocab["<|endoftext|>"]})
 
 
-def best_of(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
 def cpu_model() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
@@ -85,6 +78,7 @@ def main() -> None:
     from ember.data import corpus, tokenize
     from ember.data.documents import read_shards
     from ember.tokenizer import train as tok_train
+    from ember.tokenizer.special import load_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
@@ -95,52 +89,58 @@ def main() -> None:
         texts = [d["text"] for d in read_shards(run / "corpus")]
         mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
         tok_file = run / "tokenizer" / "tokenizer.json"
-        results: list[tuple[str, float, int]] = []  # (method, seconds, tokens)
+        methods: list[tuple[str, object, object]] = []  # (name, timed fn, fn -> number of text tokens)
 
-        def stage(workers: int, engine: str) -> None:
+        def stage(workers: int, engine: str):
             cfg = tokenize.Config(run=str(run), val_fraction=0.0, workers=workers, engine=engine)
-            s = best_of(lambda: tokenize.main(cfg), args.repeat)
-            m = artifacts.read_meta(run / "tokenize")["metrics"]
-            name = f"ember tokenize, {workers} thread{'s' if workers > 1 else ''}, {m['engine']}"
-            results.append((name, s, m["train_tokens"] - len(texts)))  # minus one EOS per document
+            label = "tiktoken" if engine == "auto" else engine
+
+            def count() -> int:  # tokens written minus one EOS per document
+                m = artifacts.read_meta(run / "tokenize")["metrics"]
+                assert m["engine"] == label, f"expected engine {label}, the stage used {m['engine']}"
+                return m["train_tokens"] - len(texts)
+            methods.append((f"ember tokenize, {workers} thread{'s' if workers > 1 else ''}, {label}",
+                            lambda: tokenize.main(cfg), count))
 
         stage(args.workers, "auto")
         stage(1, "auto")
         stage(args.workers, "tokenizers")
-
-        from ember.tokenizer.special import load_tokenizer
-
         mirror = load_tokenizer(tok_file).tiktoken()
-        results.append(("tiktoken loop, ember vocab (1 thread)",
-                        best_of(lambda: [mirror.encode_ordinary(t) for t in texts], args.repeat),
-                        sum(len(mirror.encode_ordinary(t)) for t in texts)))
+        loop = lambda enc: lambda: [enc(t) for t in texts]
+        methods.append(("tiktoken loop, ember vocab (1 thread)", loop(mirror.encode_ordinary), None))
         hf = HFTokenizer.from_file(str(tok_file))
-        n = sum(len(hf.encode(t).ids) for t in texts)
-        results.append(("tokenizers loop, ember vocab (1 process)",
-                        best_of(lambda: [hf.encode(t).ids for t in texts], args.repeat), n))
-
+        methods.append(("tokenizers loop, ember vocab (1 process)", loop(lambda t: hf.encode(t).ids), None))
         if (GPT2_DIR / "gpt2_vocab.json").is_file():
-            enc = tiktoken_gpt2(GPT2_DIR)
-            ref = tok_train.gpt2_reference(GPT2_DIR)
+            enc, ref = tiktoken_gpt2(GPT2_DIR), tok_train.gpt2_reference(GPT2_DIR)
             sample = texts[:50]
             assert [enc.encode_ordinary(t) for t in sample] == [ref.encode(t).ids for t in sample], "GPT-2 mismatch"
-            n = sum(len(enc.encode_ordinary(t)) for t in texts)
-            results.append(("tiktoken GPT-2 loop (1 thread)",
-                            best_of(lambda: [enc.encode_ordinary(t) for t in texts], args.repeat), n))
-            results.append((f"tiktoken GPT-2 batch ({args.workers} threads)",
-                            best_of(lambda: enc.encode_ordinary_batch(texts, num_threads=args.workers), args.repeat), n))
-            results.append(("tokenizers loop, GPT-2 vocab (1 process)",
-                             best_of(lambda: [ref.encode(t).ids for t in texts], args.repeat),
-                             sum(len(ref.encode(t).ids) for t in texts)))
+            methods.append(("tiktoken GPT-2 loop (1 thread)", loop(enc.encode_ordinary), None))
+            methods.append((f"tiktoken GPT-2 batch ({args.workers} threads)",
+                            lambda: enc.encode_ordinary_batch(texts, num_threads=args.workers), None))
+            methods.append(("tokenizers loop, GPT-2 vocab (1 process)", loop(lambda t: ref.encode(t).ids), None))
         else:
             print(f"(GPT-2 files not found in {GPT2_DIR}: tiktoken rows skipped)")
 
-    base = results[0][1]
+        # rounds: every method once per round, so drifting load from other jobs hits all of them alike
+        timings = {name: [] for name, _, _ in methods}
+        tokens = {}
+        for _ in range(args.repeat):
+            for name, fn, count in methods:
+                w0, c0 = time.perf_counter(), time.process_time()
+                out = fn()
+                timings[name].append((time.perf_counter() - w0, time.process_time() - c0))
+                tokens[name] = count() if count else sum(len(x) for x in out)
+        results = [(name, min(timings[name]), tokens[name]) for name, _, _ in methods]
+
+    base = results[0][1][0]
     print(f"\n{len(texts)} stdlib documents, {mb:.2f} MB | {cpu_model()}, {os.cpu_count()} cores | "
           f"best of {args.repeat} | load avg {os.getloadavg()[0]:.1f}")
-    print(f"{'method':<46} {'MB/s':>7} {'bytes/token':>12} {'time s':>8} {'speed vs ember':>15}")
-    for name, s, n in results:
-        print(f"{name:<46} {mb / s:>7.2f} {mb * 1e6 / n:>12.3f} {s:>8.2f} {base / s:>14.2f}x")
+    print(f"| {'method':<44} | {'MB/s':>6} | {'wall s':>6} | {'CPU s':>6} | {'MB/CPU-s':>8} | {'bytes/token':>11} "
+          f"| {'speed vs ember':>14} |")
+    print("|" + "|".join(["---"] + ["---:"] * 6) + "|")
+    for name, (wall, cpu), n in results:
+        print(f"| {name:<44} | {mb / wall:>6.2f} | {wall:>6.2f} | {cpu:>6.2f} | {mb / cpu:>8.2f} | {mb * 1e6 / n:>11.3f} "
+              f"| {base / wall:>13.2f}x |")
 
 
 if __name__ == "__main__":
