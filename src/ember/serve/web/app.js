@@ -71,7 +71,7 @@ async function streamChat(model, messages, params, div) {
       const delta = obj.choices && obj.choices[0] && obj.choices[0].delta.content;
       if (delta) {
         text += delta;
-        out.textContent = text;
+        out.textContent = text.trimStart();  // a base model often starts its continuation with a space
         div.dataset.chunks = String(parseInt(div.dataset.chunks, 10) + 1);
       }
     }
