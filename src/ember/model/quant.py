@@ -46,6 +46,19 @@ DYNAMIC8 = dynamic_code()
 _NF4_PAIRS = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)], dim=1)  # byte -> (hi, lo) levels
 
 
+_COPIES: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _on(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A constant table on `device`, copied there once (dequantize runs in every QLoRA forward)."""
+    if table.device == device or not any(table is t for t in (NF4_CODE, DYNAMIC8, _NF4_PAIRS)):
+        return table.to(device)
+    key = (id(table), device)
+    if key not in _COPIES:
+        _COPIES[key] = table.to(device)
+    return _COPIES[key]
+
+
 # ---------------------------------------------------------------------------- block-wise absmax codes
 
 def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -64,14 +77,14 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, block: int) -> tuple
     blocks = _blocks(x, block)
     absmax = blocks.abs().amax(dim=1)  # (n_blocks,)
     scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp(-1, 1)
-    code = code.to(scaled.device)
+    code = _on(code, scaled.device)
     codes = torch.bucketize(scaled.reshape(-1), (code[:-1] + code[1:]) / 2)
     return codes[: x.numel()].to(torch.uint8), absmax
 
 
 def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, block: int) -> torch.Tensor:
     """code[codes] * absmax of each block: fp32 (numel,)."""
-    vals = code.to(absmax.device)[codes.long()]
+    vals = _on(code, absmax.device)[codes.long()]
     pad = -vals.numel() % block
     return (F.pad(vals, (0, pad)).view(-1, block) * absmax[:, None]).reshape(-1)[: codes.numel()]
 
@@ -110,7 +123,7 @@ class NF4:
             return dequantize_blockwise(codes, self.scales(), NF4_CODE, self.block).view(self.shape).to(dtype)
         # one gather per byte from a (256, 2) table of its two levels, then one in-place scale per block:
         # ~3x faster than unpacking nibbles and gathering per weight (this runs in every QLoRA forward/backward)
-        pairs = F.embedding(self.packed.int(), _NF4_PAIRS.to(self.packed.device))  # (numel / 2, 2)
+        pairs = F.embedding(self.packed.int(), _on(_NF4_PAIRS, self.packed.device))  # (numel / 2, 2)
         return pairs.view(-1, self.block).mul_(self.scales()[:, None]).view(self.shape).to(dtype)
 
     def nbytes(self) -> int:
