@@ -126,10 +126,9 @@ def generate(lm: EvalLM, prompt: str, max_new_tokens: int = 128, stop: tuple[str
 
     The n samples decode as one batch; with a GPT behind lm, incrementally through its KV cache, otherwise
     by re-running fn on the whole prefix each step (fine for the small fixed models of tests)."""
-    room = lm.max_len - max_new_tokens  # prompt tokens that fit beside the generation
-    if room < 1:
-        raise UserError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in max_len={lm.max_len}")
-    ids = (lm.prefix + lm.tokenizer.encode(prompt))[-room:]
+    # a budget over half the context would leave the prompt little room: short-context models generate less
+    max_new_tokens = min(max_new_tokens, lm.max_len // 2)
+    ids = (lm.prefix + lm.tokenizer.encode(prompt))[-(lm.max_len - max_new_tokens):]  # keep the prompt's end
     gen = torch.Generator().manual_seed(seed)
     x = torch.tensor([ids] * n, dtype=torch.long, device=lm.device)  # (n, T)
     cache = lm.model.new_cache(n, len(ids) + max_new_tokens) if hasattr(lm.model, "new_cache") else None
