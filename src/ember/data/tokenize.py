@@ -33,7 +33,7 @@ from ember.common.log import Progress, print0
 from ember.data.documents import read_shards
 from ember.tokenizer.special import EOS, load_tokenizer, sha256_file
 
-CHUNK_BYTES = 1 << 20  # text per task sent to a worker: large enough to amortize pickling, small for balance
+CHUNK_BYTES = 1 << 20  # text per task given to a thread: amortizes per-task overhead, keeps memory bounded
 CHECK_BYTES = 128 << 10  # text encoded by both engines before tiktoken is trusted with the rest
 
 
