@@ -22,8 +22,7 @@ from pathlib import Path
 import torch
 
 from ember.align.data import read_jsonl, write_jsonl
-from ember.align.rollout import TEMPLATES, decode_response, encode_prompt, generate, load_lm, stop_id
-from ember.common import artifacts
+from ember.align.rollout import begin_stage, decode_response, encode_prompt, generate, load_lm, stop_id
 from ember.common.config import require
 from ember.common.dist import pick_device
 from ember.common.errors import UserError
@@ -61,7 +60,7 @@ class Config:
 
 
 PRESETS = {
-    "quickstart": lambda: Config(revisions=1, max_new_tokens=48),
+    "quickstart": lambda: Config(n_prompts=12, revisions=1, max_new_tokens=48),  # sized (not yet timed) for ~1 min on 2 cores
     "smoke": lambda: Config(n_prompts=4, revisions=1, max_new_tokens=8),
 }
 
@@ -144,25 +143,20 @@ def preference_score(model, tok, prompt, principle: dict, a: str, b: str, max_le
 def main(cfg: Config) -> dict:
     from ember.tokenizer.special import load_tokenizer
 
-    model_dir = cfg.model or str(Path(cfg.run) / "sft" / "final")
-    tok_path = cfg.tokenizer or str(Path(cfg.run) / "tokenizer" / "tokenizer.json")
     principles_path = cfg.principles or str(DEFAULT_PRINCIPLES)
-    inputs = {"model": model_dir, "tokenizer": tok_path, "principles": principles_path}
-    if cfg.prompts:
-        inputs["prompts"] = cfg.prompts
-    run = artifacts.begin("constitution", cfg, inputs=inputs)
+    run, paths = begin_stage("constitution", cfg, principles=principles_path,
+                             **({"prompts": cfg.prompts} if cfg.prompts else {}))
     if run.cached:
         return run.metrics
-    torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     device = pick_device(cfg.device)
-    tok = load_tokenizer(tok_path)
+    tok = load_tokenizer(paths["tokenizer"])
     constitution = load_constitution(principles_path)
     prompts = load_prompt_file(cfg.prompts) if cfg.prompts else constitution["prompts"]
     prompts = prompts[:cfg.n_prompts] if cfg.n_prompts else prompts
     if not prompts:
         raise UserError(f"no prompts: {principles_path} has no \"prompts\" list; pass --prompts=FILE")
-    model = load_lm(model_dir, device).eval()
+    model = load_lm(paths["model"], device).eval()
     sample = Sampler(model, tok, cfg, torch.Generator(device=device).manual_seed(cfg.seed))
     principles = constitution["principles"]
     print0(f"[constitution] {len(prompts)} prompts, {len(principles)} principles, {cfg.revisions} revision round(s)")

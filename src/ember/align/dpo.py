@@ -16,14 +16,13 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from ember.align import losses
 from ember.align.data import data_inputs, preference_split
-from ember.align.rollout import TEMPLATES, PolicyWithReference, collate_pairs, encode_pairs, load_lm, token_logps
-from ember.common import artifacts
+from ember.align.rollout import (TEMPLATES, PolicyWithReference, begin_stage, collate_pairs, encode_pairs, load_lm,
+                                 token_logps)
 from ember.common.config import require
 from ember.common.dist import pick_device
 from ember.common.log import Metrics, print0, step_line
@@ -75,7 +74,7 @@ class Config:
 
 
 PRESETS = {
-    "quickstart": lambda: Config(n_pairs=2000, steps=200, batch_size=16),
+    "quickstart": lambda: Config(n_pairs=1000, steps=100, batch_size=8, max_len=192, max_prompt_len=128),  # sized (not yet timed) for ~1 min on 2 cores
     "smoke": lambda: Config(n_pairs=200, steps=10, batch_size=4, max_len=96, max_prompt_len=64, eval_every=0),
 }
 
@@ -114,14 +113,11 @@ def main(cfg: Config) -> dict:
     from ember.pretrain.optim import build_adamw, lr_factor
     from ember.tokenizer.special import load_tokenizer
 
-    model_dir = cfg.model or str(Path(cfg.run) / "sft" / "final")
-    tok_path = cfg.tokenizer or str(Path(cfg.run) / "tokenizer" / "tokenizer.json")
-    run = artifacts.begin("dpo", cfg, inputs={"model": model_dir, "tokenizer": tok_path, **data_inputs(cfg.data)})
+    run, paths = begin_stage("dpo", cfg, **data_inputs(cfg.data))
     if run.cached:
         return run.metrics
-    torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
-    tok = load_tokenizer(tok_path)
+    tok = load_tokenizer(paths["tokenizer"])
     loss_fn, average = OBJECTIVES[cfg.objective]
 
     # data
@@ -131,7 +127,7 @@ def main(cfg: Config) -> dict:
     print0(f"[dpo] {len(train)} train / {len(val)} held-out pairs from {cfg.data}")
 
     # model: policy + reference; the reference's log-probs are fixed, so compute them once
-    pr = PolicyWithReference(load_lm(model_dir, device), cfg.lora_r, cfg.lora_alpha, cfg.lora_targets)
+    pr = PolicyWithReference(load_lm(paths["model"], device), cfg.lora_r, cfg.lora_alpha, cfg.lora_targets)
     policy = pr.model.train()
     with pr.as_reference() as ref:
         ref_train = all_pair_logps(ref, train, tok.pad_id, device, average)

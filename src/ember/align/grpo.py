@@ -16,15 +16,13 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from ember.align import losses
 from ember.align.data import arithmetic_tasks, data_inputs, exact_match, load_tasks, prompt_key
-from ember.align.rollout import (TEMPLATES, PolicyWithReference, collate, decode_response, encode_prompt, generate,
+from ember.align.rollout import (TEMPLATES, PolicyWithReference, begin_stage, collate, decode_response, encode_prompt, generate,
                                  load_lm, stop_id, token_logps)
-from ember.common import artifacts
 from ember.common.config import require
 from ember.common.dist import pick_device
 from ember.common.errors import UserError
@@ -84,7 +82,7 @@ class Config:
 
 
 PRESETS = {
-    "quickstart": lambda: Config(steps=60, prompts_per_step=8, group_size=8, n_val=200),
+    "quickstart": lambda: Config(steps=30, prompts_per_step=8, group_size=8, n_val=100, max_new_tokens=8),  # sized (not yet timed) for ~1 min on 2 cores
     "smoke": lambda: Config(steps=3, prompts_per_step=2, group_size=4, n_val=8, n_tasks=100, eval_every=0),
 }
 
@@ -119,20 +117,17 @@ def main(cfg: Config) -> dict:
     from ember.pretrain.optim import build_adamw, lr_factor
     from ember.tokenizer.special import load_tokenizer
 
-    model_dir = cfg.model or str(Path(cfg.run) / "sft" / "final")
-    tok_path = cfg.tokenizer or str(Path(cfg.run) / "tokenizer" / "tokenizer.json")
-    run = artifacts.begin("grpo", cfg, inputs={"model": model_dir, "tokenizer": tok_path, **data_inputs(cfg.data)})
+    run, paths = begin_stage("grpo", cfg, **data_inputs(cfg.data))
     if run.cached:
         return run.metrics
-    torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    tok = load_tokenizer(tok_path)
+    tok = load_tokenizer(paths["tokenizer"])
     stop = stop_id(tok, cfg.template)
 
     train, val = split_tasks(cfg)
     print0(f"[grpo] {len(train)} train / {len(val)} held-out tasks from {cfg.data}")
-    pr = PolicyWithReference(load_lm(model_dir, device), cfg.lora_r, cfg.lora_alpha, cfg.lora_targets)
+    pr = PolicyWithReference(load_lm(paths["model"], device), cfg.lora_r, cfg.lora_alpha, cfg.lora_targets)
     policy = pr.model.train()
     opt = build_adamw(policy, cfg.lr, cfg.weight_decay, (0.9, 0.95), device)
     advantage_fn = ADVANTAGES[cfg.advantage]

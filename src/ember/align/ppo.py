@@ -23,9 +23,8 @@ import torch
 from ember.align import losses
 from ember.align.data import arithmetic_tasks, data_inputs, prompt_key, read_jsonl, stdlib_pairs
 from ember.align.reward import last_token_scores, load_scalar_model
-from ember.align.rollout import (TEMPLATES, PolicyWithReference, SeqBatch, collate, encode_prompt, generate, load_lm,
+from ember.align.rollout import (TEMPLATES, PolicyWithReference, SeqBatch, begin_stage, collate, encode_prompt, generate, load_lm,
                                  stop_id, token_logps)
-from ember.common import artifacts
 from ember.common.config import require
 from ember.common.dist import pick_device
 from ember.common.errors import UserError
@@ -85,7 +84,7 @@ class Config:
 
 
 PRESETS = {
-    "quickstart": lambda: Config(steps=40, rollouts_per_step=32, minibatch_size=8),
+    "quickstart": lambda: Config(steps=15, rollouts_per_step=16, minibatch_size=8, max_new_tokens=24, n_val=16),  # sized (not yet timed) for ~1 min on 2 cores
     "smoke": lambda: Config(steps=2, rollouts_per_step=4, minibatch_size=2, n_prompts=50, n_val=4,
                             max_new_tokens=8, eval_every=0),
 }
@@ -139,21 +138,17 @@ def main(cfg: Config) -> dict:
     from ember.pretrain.optim import build_adamw
     from ember.tokenizer.special import load_tokenizer
 
-    model_dir = cfg.model or str(Path(cfg.run) / "sft" / "final")
     rm_dir = cfg.reward_model or str(Path(cfg.run) / "reward" / "final")
-    tok_path = cfg.tokenizer or str(Path(cfg.run) / "tokenizer" / "tokenizer.json")
-    run = artifacts.begin("ppo", cfg, inputs={"model": model_dir, "reward_model": rm_dir, "tokenizer": tok_path,
-                                              **data_inputs(cfg.data)})
+    run, paths = begin_stage("ppo", cfg, reward_model=rm_dir, **data_inputs(cfg.data))
     if run.cached:
         return run.metrics
-    torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
-    tok = load_tokenizer(tok_path)
+    tok = load_tokenizer(paths["tokenizer"])
     train, val = load_prompts(cfg)
     print0(f"[ppo] {len(train)} train / {len(val)} held-out prompts from {cfg.data}")
 
     # models: policy (+ reference), frozen reward model, value model initialized from the reward model
-    pr = PolicyWithReference(load_lm(model_dir, device), cfg.lora_r, cfg.lora_alpha, cfg.lora_targets)
+    pr = PolicyWithReference(load_lm(paths["model"], device), cfg.lora_r, cfg.lora_alpha, cfg.lora_targets)
     reward_model = load_scalar_model(rm_dir, device).requires_grad_(False).eval()
     value_model = load_scalar_model(rm_dir, device).train()
     opt = build_adamw(pr.model, cfg.lr, 0.0, (0.9, 0.95), device)

@@ -22,8 +22,7 @@ import torch.nn as nn
 
 from ember.align import losses
 from ember.align.data import data_inputs, preference_split
-from ember.align.rollout import TEMPLATES, SeqBatch, collate_pairs, encode_pairs, load_lm
-from ember.common import artifacts
+from ember.align.rollout import TEMPLATES, SeqBatch, begin_stage, collate_pairs, encode_pairs, load_lm
 from ember.common.config import require
 from ember.common.dist import pick_device
 from ember.common.errors import UserError
@@ -65,7 +64,7 @@ class Config:
 
 
 PRESETS = {
-    "quickstart": lambda: Config(n_pairs=2000, steps=300, batch_size=16),
+    "quickstart": lambda: Config(n_pairs=1000, steps=150, batch_size=16, max_len=192, max_prompt_len=128),  # sized (not yet timed) for ~1 min on 2 cores
     "smoke": lambda: Config(n_pairs=200, steps=10, batch_size=4, max_len=96, max_prompt_len=64, eval_every=0),
 }
 
@@ -148,14 +147,11 @@ def main(cfg: Config) -> dict:
     from ember.pretrain.optim import build_adamw, lr_factor
     from ember.tokenizer.special import load_tokenizer
 
-    model_dir = cfg.model or str(Path(cfg.run) / "sft" / "final")
-    tok_path = cfg.tokenizer or str(Path(cfg.run) / "tokenizer" / "tokenizer.json")
-    run = artifacts.begin("reward", cfg, inputs={"model": model_dir, "tokenizer": tok_path, **data_inputs(cfg.data)})
+    run, paths = begin_stage("reward", cfg, **data_inputs(cfg.data))
     if run.cached:
         return run.metrics
-    torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
-    tok = load_tokenizer(tok_path)
+    tok = load_tokenizer(paths["tokenizer"])
 
     # data: pairs -> token ids, split by prompt so held-out prompts are unseen
     train_pairs, val_pairs = preference_split(cfg.data, cfg.n_pairs, cfg.val_frac, cfg.seed)
@@ -164,7 +160,7 @@ def main(cfg: Config) -> dict:
     print0(f"[reward] {len(train)} train / {len(val)} held-out pairs from {cfg.data}")
 
     # model: the LM with a scalar head
-    model = attach_scalar_head(load_lm(model_dir, device))
+    model = attach_scalar_head(load_lm(paths["model"], device))
     model.train()
     opt = build_adamw(model, cfg.lr, cfg.weight_decay, (0.9, 0.95), device)
     metrics_log = Metrics(run.dir)

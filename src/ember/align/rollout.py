@@ -168,7 +168,21 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, generator=None)
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
 
 
-# ---------------------------------------------------------------------------- policy and reference
+# ---------------------------------------------------------------------------- stage setup, policy and reference
+
+
+def begin_stage(stage: str, cfg, **inputs):
+    """The opening all alignment recipes share: inputs default to their conventional places in the run
+    folder (model <run>/sft/final, tokenizer <run>/tokenizer/tokenizer.json), artifacts.begin records them
+    (and answers "cached"), then seeding. Returns (run, inputs with the defaults filled in)."""
+    from ember.common import artifacts
+
+    paths = {"model": cfg.model or str(Path(cfg.run) / "sft" / "final"),
+             "tokenizer": cfg.tokenizer or str(Path(cfg.run) / "tokenizer" / "tokenizer.json"), **inputs}
+    run = artifacts.begin(stage, cfg, inputs=paths)
+    torch.manual_seed(cfg.seed)
+    return run, paths
+
 
 
 def load_lm(path: str | Path, device) -> nn.Module:
