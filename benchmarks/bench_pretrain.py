@@ -48,8 +48,8 @@ def bench_ember(model_cfg: GPTConfig, tokens: Path, run: Path, steps: int, warmu
     """tokens/s of the recipe over its steps after `warmup` (from the wall times in its metrics.jsonl)."""
     from ember.pretrain import train
 
-    cfg = train.Config(run=str(run), data=str(tokens), model=model_cfg, steps=warmup + steps, batch_size=BATCH,
-                       seq_len=SEQ, lr=1e-3, warmup_steps=2, eval_every=0, eval_batches=1, save_every=0,
+    cfg = train.Config(run=str(run), data=str(tokens), model=model_cfg, dtype="fp32", steps=warmup + steps,
+                       batch_size=BATCH, seq_len=SEQ, lr=1e-3, warmup_steps=2, eval_every=0, eval_batches=1, save_every=0,
                        log_every=1000, spike_z=0.0)
     train.main(cfg)
     t = [r["time"] for r in read_metrics(run / "pretrain" / "metrics.jsonl") if "loss" in r]  # after each step

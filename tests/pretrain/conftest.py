@@ -43,8 +43,8 @@ def tokens(tmp_path_factory) -> Path:
 
 def tiny_config(run: Path, data: Path, **kw) -> train.Config:
     """2 layers x 32 wide on 4 x 32-token batches: a step takes milliseconds."""
-    base = dict(run=str(run), data=str(data), seed=0, steps=10, batch_size=4, seq_len=32, lr=1e-2, warmup_steps=2,
-                eval_every=5, eval_batches=2, save_every=0, log_every=5, sample_every=0,
+    base = dict(run=str(run), data=str(data), seed=0, dtype="fp32", steps=10, batch_size=4, seq_len=32, lr=1e-2,
+                warmup_steps=2, eval_every=5, eval_batches=2, save_every=0, log_every=5, sample_every=0,
                 model=GPTConfig(vocab_size=0, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, max_seq_len=32))
     base.update(kw)
     return train.Config(**base)

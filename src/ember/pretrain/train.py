@@ -14,7 +14,6 @@ config and inputs, bit-identical to an uninterrupted run. Sections: init, data, 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from contextlib import nullcontext
@@ -28,6 +27,7 @@ from ember.common import artifacts, dist, train_state
 from ember.common.config import require
 from ember.common.errors import UserError
 from ember.common.log import Metrics, print0, step_line
+from ember.data.loader import open_loader, val_batches
 from ember.model.gpt import GPTConfig
 from ember.pretrain.optim import SpikeGuard, build_adamw, lr_factor
 
@@ -44,7 +44,8 @@ class Config:
     init_from: str = ""  # checkpoint folder (final/ or step_N/) whose weights start this run (mid-training); its model config is used
     seed: int = 1337  # model init and data order
     device: str = "auto"  # cpu, cuda, mps; auto = the best available (cuda:LOCAL_RANK under torchrun)
-    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # autocast compute dtype (weights stay fp32); auto = bf16 on cuda, fp32 elsewhere
+    threads: int = 0  # CPU intra-op threads per process; 0 = torch's default (one per core). 1 is faster on a busy machine
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # autocast compute dtype (weights stay fp32); auto = bf16 where native (CUDA, AVX512-BF16/AMX CPUs), else fp32
     batch_size: int = 8  # sequences per micro-batch per process
     seq_len: int = 256  # tokens per sequence (<= model.max_seq_len)
     batch_tokens: int = 0  # tokens per optimizer step over all processes (grad accumulation fills it); 0 = one micro-batch each
@@ -77,7 +78,7 @@ class Config:
     def __post_init__(self):
         for name in ("batch_size", "seq_len", "steps", "tp"):
             require(getattr(self, name) >= 1, name, getattr(self, name), "an int >= 1")
-        for name in ("batch_tokens", "warmup_steps", "eval_every", "sample_every", "save_every", "keep_last",
+        for name in ("threads", "batch_tokens", "warmup_steps", "eval_every", "sample_every", "save_every", "keep_last",
                      "spike_rollback"):
             require(getattr(self, name) >= 0, name, getattr(self, name), "an int >= 0")
         require(self.eval_batches >= 1 and self.log_every >= 1 and self.spike_window >= 2, "eval_batches/log_every/"
@@ -169,10 +170,10 @@ def begin(cfg: Config, inputs: dict):
 # ---------------------------------------------------------------------------- the recipe
 
 def main(cfg: Config) -> dict:
-    from ember.data.loader import open_loader, val_batches  # noqa: F401 (see data section)
-
     # ---- init
     env = dist.init(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     run_dir = Path(cfg.run)
     sources = ([(resolve_tokens(n, cfg.run), w) for n, w in parse_mix(cfg.mix)] if cfg.mix
                else [(Path(cfg.data or run_dir / "tokenize" / "tokens"), 1.0)])
@@ -186,7 +187,7 @@ def main(cfg: Config) -> dict:
     if cached is not None:
         return cached
     out_dir = run_dir / "pretrain"
-    use_dtype = cfg.dtype if cfg.dtype != "auto" else ("bf16" if env.device.type == "cuda" else "fp32")
+    use_dtype = cfg.dtype if cfg.dtype != "auto" else ("bf16" if dist.native_bf16(env.device) else "fp32")
     amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[use_dtype]
     autocast = (torch.autocast(env.device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext())
     scaler = torch.amp.GradScaler(env.device.type) if use_dtype == "fp16" else None  # fp16 needs loss scaling
@@ -210,12 +211,18 @@ def main(cfg: Config) -> dict:
 
         model = load_model(cfg.init_from, device=env.device)
         mcfg = model.config
+        if cfg.seq_len > mcfg.max_seq_len:
+            raise UserError(f"config field 'seq_len' = {cfg.seq_len} is longer than the --init_from model's "
+                            f"max_seq_len = {mcfg.max_seq_len}; lower seq_len")
         if mcfg.vocab_size < vocab:
             raise UserError(f"--init_from={cfg.init_from}: the model's vocabulary ({mcfg.vocab_size}) is smaller "
                             f"than the token ids in the data ({vocab}); tokenize with the model's tokenizer")
     else:
         from ember.model.gpt import build_model
 
+        if 0 < cfg.model.vocab_size < vocab:
+            raise UserError(f"config field 'model.vocab_size' = {cfg.model.vocab_size} is smaller than the vocabulary "
+                            f"of the tokens ({vocab}); set it to 0 (= from the tokens) or >= {vocab}")
         mcfg = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or vocab)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank (then sharded or replicated)
         model = build_model(mcfg, env.device)
@@ -234,8 +241,7 @@ def main(cfg: Config) -> dict:
 
     def state() -> dict:  # everything besides weights/optimizer that an exact resume needs (JSON)
         return {"loader": loader.state_dict(), "guard": guard.state_dict(), "tokens_seen": tokens_seen,
-                "rollbacks": rollbacks, "scaler": scaler.state_dict() if scaler else None,
-                "model_config": dataclasses.asdict(mcfg)}
+                "rollbacks": rollbacks, "scaler": scaler.state_dict() if scaler else None}
 
     def restore(folder: Path, with_loader: bool) -> int:
         nonlocal tokens_seen, rollbacks
