@@ -101,3 +101,17 @@ def test_stage_rates_a_votes_file(tmp_path):
     assert (tmp_path / "arena" / "ratings.md").read_text().count("|") > 10
     with pytest.raises(UserError, match="nothing to rate"):
         arena.main(arena.Config(run=str(tmp_path / "empty")))
+
+
+def test_stage_judge_battle_with_a_real_model(tmp_path):
+    from .conftest import ASSETS, datasets_or_skip
+
+    root = datasets_or_skip("models", "stories260K")
+    ckpt = str(root / "stories260K.bin")
+    m = arena.main(arena.Config(run=str(tmp_path), models=[f"greedy={ckpt}", f"same={ckpt}"], judge=ckpt,
+                                tokenizer=str(root / "tok512.bin"), prompts=str(ASSETS / "reference_tiny.jsonl"),
+                                n_prompts=2, max_new_tokens=8, bootstrap=20))
+    judged = arena.read_votes(tmp_path / "arena" / "judge_votes.jsonl")
+    assert m["votes"] == 2 and len(judged) == 2 and {v["judge"] for v in judged} == {"model"}
+    # identical models give identical answers, and the order-swapped judge then cannot prefer a side
+    assert all(v["answer_a"] == v["answer_b"] and v["winner"] == "tie" for v in judged)
