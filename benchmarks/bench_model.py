@@ -5,12 +5,14 @@
 
 The HF model is exported from the ember one (export_hf), so both hold the same weights; their losses are
 printed to show they compute the same thing. Steps alternate between the two models (ember, hf, ember, ...)
-so drift in machine speed hits both alike; the median step time is reported.
+so drift in machine speed hits both alike. tok/s = tokens / median wall step time; the ratios are medians
+of per-pair ratios, of wall time and of process CPU time (steadier when other jobs share the cores).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -24,7 +26,7 @@ from ember.model.hf import export_hf
 # name -> (GPTConfig, batch, seq_len): the depth-4 model of the CPU quickstart, and a wider/longer one
 CONFIGS = {
     "small": (GPTConfig.from_depth(4, vocab_size=8192, n_kv_head=2, max_seq_len=256), 8, 256),
-    "medium": (GPTConfig.from_depth(8, vocab_size=32768, n_kv_head=4, max_seq_len=512), 4, 512),
+    "medium": (GPTConfig.from_depth(8, vocab_size=32768, n_kv_head=4, max_seq_len=512), 2, 512),
 }
 
 
@@ -52,32 +54,39 @@ def measure(name, cfg, batch, seq, steps, autocast):
         hf = transformers.AutoModelForCausalLM.from_pretrained(d, attn_implementation="sdpa").train()
     idx = torch.randint(0, cfg.vocab_size, (batch, seq))
     targets = torch.cat([idx[:, 1:], torch.full((batch, 1), -100)], dim=1)
-    times = {"ember": [], "hf": []}
+    wall = {"ember": [], "hf": []}
+    cpu = {"ember": [], "hf": []}  # process CPU seconds (all threads): steadier than wall on a shared machine
     losses = {}
     for i in range(steps + 2):  # the first 2 rounds warm up allocators and kernels
         for who, model, fn in (("ember", ember, step_ember), ("hf", hf, step_hf)):
             model.zero_grad(set_to_none=True)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 losses[who] = fn(model, idx, targets)
             if i >= 2:
-                times[who].append(time.perf_counter() - t0)
+                wall[who].append(time.perf_counter() - t0)
+                cpu[who].append(time.process_time() - c0)
     tok = batch * seq
-    e, h = (tok / statistics.median(times[k]) for k in ("ember", "hf"))
+    med = statistics.median
+    # ratios of back-to-back steps, then the median: load from other processes hits both sides of a pair alike
     return dict(config=name, dtype="bf16-autocast" if autocast else "fp32", params=ember.num_params(),
-                ember=e, hf=h, ratio=e / h, loss_ember=losses["ember"], loss_hf=losses["hf"])
+                ember=tok / med(wall["ember"]), hf=tok / med(wall["hf"]),
+                ratio=med([h / e for e, h in zip(wall["ember"], wall["hf"])]),
+                cpu_ratio=med([h / e for e, h in zip(cpu["ember"], cpu["hf"])]),
+                loss_ember=losses["ember"], loss_hf=losses["hf"])
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=8, help="timed steps per model (after 2 warm-up steps)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per model (after 2 warm-up steps)")
     p.add_argument("--configs", default="small,medium", help="comma-separated: " + ",".join(CONFIGS))
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     import transformers
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}")
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}, "
+          f"load average {os.getloadavg()[0]:.1f}")
     rows = []
     for name in args.configs.split(","):
         cfg, batch, seq = CONFIGS[name]
@@ -85,14 +94,15 @@ def main():
             rows.append(measure(name, cfg, batch, seq, args.steps, autocast))
             r = rows[-1]
             print(f"  measured {name} {r['dtype']}: loss ember {r['loss_ember']:.4f} hf {r['loss_hf']:.4f}", flush=True)
-    print()
-    print("| config | shape (L x d, heads/kv, vocab, B x T) | dtype | params | ember tok/s | HF Llama tok/s | ember / HF |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
+    print("| config | shape (L x d, heads/kv, vocab, B x T) | dtype | params | ember tok/s | HF Llama tok/s "
+          "| ember / HF (wall) | ember / HF (CPU s) |")
+    print("|---|---|---|---|---:|---:|---:|---:|")
     for r in rows:
         cfg, batch, seq = CONFIGS[r["config"]]
         shape = f"{cfg.n_layer} x {cfg.n_embd}, {cfg.n_head}/{cfg.n_kv_head}, {cfg.vocab_size}, {batch} x {seq}"
         print(f"| {r['config']} | {shape} | {r['dtype']} | {r['params'] / 1e6:.1f}M | {r['ember']:,.0f} | "
-              f"{r['hf']:,.0f} | {r['ratio']:.2f}x |")
+              f"{r['hf']:,.0f} | {r['ratio']:.2f}x | {r['cpu_ratio']:.2f}x |")
 
 
 if __name__ == "__main__":

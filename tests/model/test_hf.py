@@ -121,7 +121,7 @@ def make_tokenizer(path):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=["<|bos|>", "<|eos|>", "<|pad|>"])
+    trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=["<|bos|>", "<|eos|>", "<|pad|>", "<|end|>"])
     tok.train_from_iterator(["hello world, the model speaks", "def f(x): return x + 1"] * 20, trainer)
     tok.save(str(path))
     return tok
@@ -130,14 +130,30 @@ def make_tokenizer(path):
 def test_export_writes_a_tokenizer_autotokenizer_loads(tmp_path):
     tok = make_tokenizer(tmp_path / "tokenizer.json")
     model = build_model(GPTConfig(**TINY))
-    export_hf(model, tmp_path / "hf", tokenizer_json=tmp_path / "tokenizer.json", chat_template="{{ messages }}")
+    export_hf(model, tmp_path / "hf", tokenizer_json=tmp_path / "tokenizer.json")
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     text = "hello world, def f(x)"
     assert hf_tok(text)["input_ids"] == tok.encode(text).ids
     assert (hf_tok.bos_token, hf_tok.eos_token, hf_tok.pad_token) == ("<|bos|>", "<|eos|>", "<|pad|>")
+    assert hf_tok.model_max_length == 64
+    ids = {t: tok.token_to_id(t) for t in ("<|bos|>", "<|eos|>", "<|end|>")}
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    assert (config["bos_token_id"], config["eos_token_id"]) == (tok.token_to_id("<|bos|>"), tok.token_to_id("<|eos|>"))
-    assert hf_tok.chat_template == "{{ messages }}"
+    assert (config["bos_token_id"], config["eos_token_id"]) == (ids["<|bos|>"], ids["<|eos|>"])
+    gen = transformers.GenerationConfig.from_pretrained(tmp_path / "hf")
+    assert gen.eos_token_id == [ids["<|eos|>"], ids["<|end|>"]]  # generate() stops at the end of a chat turn too
+
+
+def test_export_carries_the_tokenizer_config_beside_it(tmp_path):
+    make_tokenizer(tmp_path / "tokenizer.json")
+    template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|>{% endfor %}"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "add_bos_token": False}))
+    model = build_model(GPTConfig(**TINY))
+    export_hf(model, tmp_path / "hf", tokenizer_json=tmp_path / "tokenizer.json")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    chat = hf_tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert chat == "<|user|>hi<|end|>"
+    export_hf(model, tmp_path / "hf2", tokenizer_json=tmp_path / "tokenizer.json", chat_template="{{ 'x' }}")
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf2").chat_template == "{{ 'x' }}"
 
 
 def test_export_rejects_a_tokenizer_bigger_than_the_vocab(tmp_path):
