@@ -85,6 +85,9 @@ def test_cli_help_lists_sft_and_chat(capsys):
     assert "sft" in text and "chat" in text
     assert cli_main(["sft", "--help"]) == 0
     assert "--method=" in capsys.readouterr().out
+    for name in ("quickstart", "smoke"):  # the pipeline runs these after pretrain
+        assert cli_main(["sft", f"--preset={name}", "--dry-run"]) == 0
+        assert json.loads(capsys.readouterr().out)["method"] == "lora"
 
 
 def test_chat_reads_stdin(run_folder, chat_file, monkeypatch):

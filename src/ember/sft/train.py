@@ -134,6 +134,10 @@ def stop_eval(model, tok, convs: list[list[dict]], n: int) -> tuple[float, list[
     return (stopped / len(samples) if samples else float("nan")), samples
 
 
+def pct(x: float) -> str:
+    return "n/a (no held-out prompt fits the context)" if math.isnan(x) else f"{x:.0%}"
+
+
 # ---------------------------------------------------------------------------- the recipe
 
 def main(cfg: Config) -> dict:
@@ -213,7 +217,7 @@ def main(cfg: Config) -> dict:
     # ---- evaluation before training (the baseline the metrics compare to)
     val_loss0 = eval_loss(model, val_rows, cfg, tok.pad_id, seq_len, device, autocast)
     stop0, _ = stop_eval(model, tok, val_convs, cfg.stop_prompts)
-    print0(f"[sft] before: val loss {val_loss0:.4f} | stops at <|end|> {stop0:.0%}")
+    print0(f"[sft] before: val loss {val_loss0:.4f} | stops at <|end|> {pct(stop0)}")
     metrics.log(0, val_loss=val_loss0, stop_rate=stop0)
 
     # ---- loop
@@ -263,7 +267,8 @@ def main(cfg: Config) -> dict:
     # ---- evaluation after training
     val_loss = eval_loss(model, val_rows, cfg, tok.pad_id, seq_len, device, autocast)
     stop1, samples = stop_eval(model, tok, val_convs, cfg.stop_prompts)
-    print0(f"[sft] after: val loss {val_loss:.4f} (was {val_loss0:.4f}) | stops at <|end|> {stop1:.0%} (was {stop0:.0%})")
+    print0(f"[sft] after: val loss {val_loss:.4f} (was {val_loss0:.4f}) | stops at <|end|> {pct(stop1)} "
+           f"(was {pct(stop0)})")
     metrics.log(total_steps, val_loss=val_loss, stop_rate=stop1)
     metrics.close()
     artifacts.write_text(out / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
@@ -278,12 +283,13 @@ def main(cfg: Config) -> dict:
             dequantize_nf4_(model)  # QLoRA: the NF4 embedding/head too; a no-op for LoRA
         save_model(tmp, model)
         shutil.copy(tok.path, tmp / "tokenizer.json")
+    r4 = lambda x: None if math.isnan(x) else round(x, 4)  # nan (no held-out data) -> null in meta.json
     return run.finish({
         "method": cfg.method, "steps": total_steps, "epochs": round(total_steps / steps_per_epoch, 3),
         "train_conversations": len(train_convs), "val_conversations": len(val_convs), **data_stats,
-        "trainable_params": trainable, "train_loss": round(loss_val, 4),
-        "val_loss_before": round(val_loss0, 4), "val_loss": round(val_loss, 4),
-        "stop_rate_before": round(stop0, 4), "stop_rate": round(stop1, 4),
+        "trainable_params": trainable, "train_loss": r4(loss_val),
+        "val_loss_before": r4(val_loss0), "val_loss": r4(val_loss),
+        "stop_rate_before": r4(stop0), "stop_rate": r4(stop1),
         "tokens_per_s": round(tokens_seen / max(train_s, 1e-9), 1), "train_seconds": round(train_s, 1),
     })
 
