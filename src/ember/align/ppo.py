@@ -56,7 +56,8 @@ class Config:
     kl_coef: float = 0.1  # initial weight of the per-token KL penalty to the reference
     kl_target: float = 6.0  # KL (nats per reply) the adaptive controller steers toward; 0 = fixed kl_coef
     kl_horizon: int = 1000  # controller horizon in replies: kl_coef moves by up to 20% per horizon (Ziegler: 10k)
-    missing_stop_penalty: float = 1.0  # subtracted from the score of a reply cut at max_new_tokens without ending
+    normalize_reward: bool = True  # scores -> mean 0, std 1 over the initial policy's samples (Ziegler et al.), so kl_coef means the same for any reward model
+    missing_stop_penalty: float = 1.0  # subtracted from the (normalized) score of a reply cut at max_new_tokens without ending
     temperature: float = 1.0  # sampling temperature of rollouts and held-out samples
     top_k: int = 0  # sample among the top_k tokens only (0 = all)
     grad_clip: float = 1.0  # max global gradient norm (policy and value model each)
@@ -117,7 +118,8 @@ def select(batch: SeqBatch, idx: torch.Tensor) -> SeqBatch:
 
 
 def rollout(pr, reward_model, tok, prompts: list, cfg: Config, device, generator) -> tuple[SeqBatch, dict]:
-    """Sample replies and score them: the batch plus old log-probs, reference log-probs and scores."""
+    """Sample replies and score them: the batch plus old log-probs, reference log-probs, the reward model's
+    raw scores and which replies never stopped."""
     stop = stop_id(tok, cfg.template)
     ids = [encode_prompt(tok, p, cfg.template)[-cfg.max_prompt_len:] for p in prompts]
     replies = generate(pr.model, ids, cfg.max_new_tokens, stop, cfg.temperature, cfg.top_k, generator=generator)
@@ -127,10 +129,9 @@ def rollout(pr, reward_model, tok, prompts: list, cfg: Config, device, generator
         old, entropy = token_logps(pr.model, batch, return_entropy=True)
         ref = pr.ref_logps(batch)
         scores = last_token_scores(reward_model.eval(), batch).float()
-        unfinished = torch.tensor([stop not in r for r in replies], device=device)
-        scores = scores - cfg.missing_stop_penalty * unfinished.float()
+        unfinished = torch.tensor([stop not in r for r in replies], device=device, dtype=torch.float)
     kl = losses.sequence_logps(old - ref, batch.mask)  # (B,) sampled estimate of KL(pi || ref) per reply
-    return batch, {"old": old, "ref": ref, "scores": scores, "kl": kl,
+    return batch, {"old": old, "ref": ref, "scores": scores, "unfinished": unfinished, "kl": kl,
                    "entropy": losses.masked_mean(entropy, batch.mask).item()}
 
 
@@ -166,6 +167,12 @@ def main(cfg: Config) -> dict:
 
     rng = random.Random(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    score_mean, score_std = 0.0, 1.0
+    if cfg.normalize_reward:  # gain and bias from samples of the initial policy on training prompts
+        _, r = rollout(pr, reward_model, tok, rng.sample(train, min(len(train), max(64, cfg.rollouts_per_step))),
+                       cfg, device, gen)
+        score_mean, score_std = r["scores"].mean().item(), max(r["scores"].std().item(), 1e-3)
+        print0(f"[ppo] reward normalization: mean {score_mean:.4f}, std {score_std:.4f} on the initial policy")
     kl_coef = cfg.kl_coef
     for step in range(1, cfg.steps + 1):
         t0 = time.perf_counter()
@@ -174,7 +181,8 @@ def main(cfg: Config) -> dict:
         mask = batch.mask
         with torch.no_grad():
             old_values = value_model(batch.ids[:, :-1])[..., 0].float() * mask  # (B, L-1): V of the state before each token
-            rewards = losses.kl_penalized_rewards(r["scores"], r["old"], r["ref"], mask, kl_coef)
+            score = (r["scores"] - score_mean) / score_std - cfg.missing_stop_penalty * r["unfinished"]
+            rewards = losses.kl_penalized_rewards(score, r["old"], r["ref"], mask, kl_coef)
             adv, returns = losses.gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
             adv = losses.masked_whiten(adv, mask)
 
@@ -226,7 +234,7 @@ def main(cfg: Config) -> dict:
     pr.save(run.dir / "final")
     return run.finish({
         "val_reward": after["reward"], "val_reward_before": before["reward"], "val_kl": after["kl"],
-        "kl_target": cfg.kl_target, "final_kl_coef": kl_coef, "val_prompts": len(val), "lora_r": cfg.lora_r,
+        "kl_target": cfg.kl_target, "final_kl_coef": kl_coef, "score_mean": score_mean, "score_std": score_std, "val_prompts": len(val), "lora_r": cfg.lora_r,
     })
 
 
