@@ -90,6 +90,8 @@ def test_memory_hog_fails(guard):
 @pytest.mark.parametrize("guard", [False, True])
 def test_writing_outside_the_work_dir_fails(tmp_path, guard):
     os.chmod(tmp_path, 0o777)  # world-writable, so only the sandbox's own layers can stop the write
+    if not guard and not any(x.startswith("landlock") for x in run_code("pass").isolation):
+        pytest.skip("without Landlock only the Python guard stops writes to world-writable folders (docs/stages/eval.md)")
     for target in (tmp_path / "escape.txt", "../escape.txt", "/tmp/ember_sandbox_escape.txt"):
         r = run_code(f"open({str(target)!r}, 'w').write('x')", guard=guard)
         assert r.status == "failed" and "PermissionError" in r.stderr, (target, r)
