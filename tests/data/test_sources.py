@@ -87,6 +87,15 @@ def test_jsonl_records_with_metadata(tmp_path):
     assert [d["text"] for d in docs] == ["two"]
 
 
+def test_jsonl_record_keeps_its_own_nested_meta(tmp_path):
+    """A JSONL of documents with a `meta` object (as curation needs: url, kind) keeps it."""
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"text": "x = 1", "meta": {"url": "http://a.example/p", "kind": "code"}, "date": "2024-01-01"}) + "\n")
+    docs, _, _ = collect(str(f))
+    assert docs[0]["meta"]["url"] == "http://a.example/p" and docs[0]["meta"]["kind"] == "code"
+    assert docs[0]["meta"]["date"] == "2024-01-01" and docs[0]["meta"]["line"] == 1
+
+
 def test_jsonl_gz(tmp_path):
     f = tmp_path / "d.jsonl.gz"
     with gzip.open(f, "wt", encoding="utf-8") as g:

@@ -89,9 +89,11 @@ def _iso(ts: float) -> str:
 
 
 def _scalar_meta(rec: dict, skip: str) -> dict:
-    """Short scalar fields of a record (url, date, license, title...) travel along as metadata."""
-    return {k: v for k, v in rec.items() if k != skip and isinstance(v, (str, int, float, bool))
-            and not (isinstance(v, str) and len(v) > META_MAX_CHARS)}
+    """A record's own `meta` object (e.g. url, kind) plus its short scalar fields (url, date, license,
+    title...) travel along as metadata; scalar fields win on a name clash."""
+    own = rec.get("meta") if isinstance(rec.get("meta"), dict) else {}
+    return {**own, **{k: v for k, v in rec.items() if k != skip and isinstance(v, (str, int, float, bool))
+                      and not (isinstance(v, str) and len(v) > META_MAX_CHARS)}}
 
 
 def _decode(data: bytes, where: str, sink: _Sink, whole_file: bool) -> str | None:
