@@ -11,6 +11,7 @@ pipeline writes into the same run folder, so later stages find earlier outputs b
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import time
 from dataclasses import dataclass
@@ -23,38 +24,26 @@ from ember.common.log import print0
 Step = tuple[str, Callable[[object], dict], object]  # (stage name, its main, its Config instance)
 
 
-def _have(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
+# The quickstart recipe, in order. Each name is a row of cli.STAGES; stages whose module is not in this
+# build are left out, so the recipe grows as the stages land.
+QUICKSTART = ["corpus", "curate", "tokenizer", "tokenize", "pretrain", "sample",
+              "sft", "reward", "dpo", "eval", "card"]
 
 
 def quickstart(run: str, smoke: bool = False) -> list[Step]:
-    """stdlib corpus -> curate -> tokenizer -> tokenize -> pretrain -> sample -> eval -> card; only the stages
-    built so far."""
+    """stdlib corpus -> curate -> tokenizer -> tokenize -> pretrain -> sample -> sft -> reward -> dpo ->
+    eval -> card, each stage with its own "quickstart" (or "smoke") preset, all in one run folder."""
+    from ember.cli import STAGES
+
     steps: list[Step] = []
-    if _have("ember.data.corpus"):
-        from ember.data import corpus
-        steps.append(("corpus", corpus.main, corpus.PRESETS["smoke" if smoke else "quickstart"]()))
-    if _have("ember.data.curate"):
-        from ember.data import curate
-        steps.append(("curate", curate.main, curate.PRESETS["smoke" if smoke else "quickstart"]()))
-    if _have("ember.tokenizer.train"):
-        from ember.tokenizer import train as tok
-        steps.append(("tokenizer", tok.main, tok.PRESETS["smoke" if smoke else "quickstart"]()))
-    if _have("ember.data.tokenize"):
-        from ember.data import tokenize
-        steps.append(("tokenize", tokenize.main, tokenize.PRESETS["smoke" if smoke else "quickstart"]()))
-    if _have("ember.pretrain.train"):
-        from ember.pretrain import train
-        steps.append(("pretrain", train.main, train.PRESETS["smoke" if smoke else "quickstart"]()))
-    if _have("ember.pretrain.sample"):
-        from ember.pretrain import sample
-        steps.append(("sample", sample.main, sample.PRESETS["smoke" if smoke else "quickstart"]()))
-    if _have("ember.eval.harness"):  # last: it evaluates the final checkpoint, then the card reads everything
-        from ember.eval import card, harness
-        steps.append(("eval", harness.main, harness.PRESETS["smoke" if smoke else "quickstart"]()))
-        steps.append(("card", card.main, card.PRESETS["smoke" if smoke else "quickstart"]()))
-    for _, _, cfg in steps:
+    for name in QUICKSTART:
+        module_name = STAGES[name][0]
+        if importlib.util.find_spec(module_name) is None:
+            continue
+        module = importlib.import_module(module_name)
+        cfg = module.PRESETS["smoke" if smoke else "quickstart"]()
         cfg.run = run
+        steps.append((name, module.main, cfg))
     return steps
 
 
