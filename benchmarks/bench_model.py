@@ -1,6 +1,6 @@
 """Forward+backward tokens/s of ember's GPT vs transformers' LlamaForCausalLM with identical config and weights.
 
-    python benchmarks/bench_model.py                 # both configs, fp32 and bf16 autocast, ~2-3 min on 2 cores
+    python benchmarks/bench_model.py                 # both configs, fp32 and bf16 autocast (~5 min on 2 idle cores)
     python benchmarks/bench_model.py --steps=5 --configs=small
 
 The HF model is exported from the ember one (export_hf), so both hold the same weights; their losses are

@@ -127,7 +127,8 @@ def from_hf_config(d: dict, where: str) -> GPTConfig:
         kw["ffn_hidden"] = 0  # the derived default, so an exported ember config round-trips exactly
     if n_expert:
         k = d.get("num_experts_per_tok", 2)
-        kw.update(n_expert_active=k, moe_aux_coef=d.get("router_aux_loss_coef", 0.01 / k) * k)
+        coef = d.get("router_aux_loss_coef", 0.01 / k) * k
+        kw.update(n_expert_active=k, moe_aux_coef=float(f"{coef:.12g}"))  # /k on export, *k here: no float noise
     return GPTConfig(**kw)
 
 
