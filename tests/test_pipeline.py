@@ -94,3 +94,25 @@ def test_downstream_reruns_when_upstream_output_changes(tmp_path):
         artifacts.FORCE.reset(token)
     pipeline.run_steps(steps(run, text="x"))  # count's input hash changed: it reruns
     assert CALLS == ["write", "count", "write", "count"]
+
+
+def test_smoke_pipeline_end_to_end_then_cached(tmp_path):
+    """`ember pipeline --preset=smoke` on the stdlib corpus: every stage finishes, with lineage back to the
+    corpus; a second run does no work (all cached)."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "smoke"
+    cmd = [sys.executable, "-m", "ember", "pipeline", "--preset=smoke", f"--run={run}"]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    names = [n for n, _, _ in pipeline.quickstart(str(run), smoke=True)]
+    assert names[:6] == ["corpus", "curate", "tokenizer", "tokenize", "pretrain", "sample"]
+    for name in names:
+        assert artifacts.is_finished(run / name), name
+    assert (run / "pretrain" / "final" / "model.safetensors").is_file()
+    chain = [m["stage"] for m in artifacts.lineage(run / "pretrain")]
+    assert chain == ["corpus", "curate", "tokenizer", "tokenize", "pretrain"]
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stdout.count("cached") == len(names)
