@@ -235,12 +235,12 @@ def native_bf16(device: torch.device) -> bool:
 _PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
 
 
-@functools.lru_cache(maxsize=None)
 def peak_flops(device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
     """FLOP/s the MFU is measured against: the datasheet dense bf16 peak for known GPUs, else measured.
 
-    Measured = the best of a few large square matmuls in `dtype` (~0.5 s): on a CPU this is the machine's
-    real BLAS peak, which is the honest denominator (datasheet CPU peaks assume every vector unit busy).
+    Measured = the best of 10 large square matmuls in `dtype` (~0.5 s) with the current thread count: on a CPU
+    this is the machine's real BLAS peak, the honest denominator (datasheet CPU peaks assume every vector unit
+    busy). On a machine shared with other work it reads low, and MFU reads high.
     """
     dev = torch.device(device)
     if dev.type == "cuda":
@@ -248,11 +248,17 @@ def peak_flops(device: str = "cpu", dtype: torch.dtype = torch.float32) -> float
         for key, flops in _PEAK_BF16.items():
             if key in name:
                 return flops
+    return _measured_peak(str(dev), dtype, torch.get_num_threads())
+
+
+@functools.lru_cache(maxsize=None)
+def _measured_peak(device: str, dtype: torch.dtype, threads: int) -> float:
+    dev = torch.device(device)
     n = 1024 if dev.type == "cpu" else 4096
     a = torch.randn(n, n, device=dev, dtype=dtype)
     b = torch.randn(n, n, device=dev, dtype=dtype)
     best = float("inf")
-    for _ in range(5):
+    for _ in range(10):
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()

@@ -21,8 +21,9 @@ from ember.common import artifacts
 from ember.common.config import require
 from ember.common.log import print0
 
-# Openings of Python code, prose and docs: the default corpus is the standard library.
-PROMPTS = ["def ", "import os\n", "class Parser:\n", "    for i in range(", '"""Return the ', "# "]
+# Openings of Python code, prose and docs: the default corpus is the standard library. No trailing spaces:
+# BPE folds a space into the next word's token, so "def " would leave the model to start a token mid-word.
+PROMPTS = ["def", "import os\n", "class Parser:\n", "    for i in range(", '"""Return the', "#"]
 
 
 @dataclass
@@ -46,7 +47,7 @@ class Config:
 
 PRESETS = {
     "quickstart": lambda: Config(max_new_tokens=160),
-    "smoke": lambda: Config(max_new_tokens=24, prompts=["def ", "import "]),
+    "smoke": lambda: Config(max_new_tokens=24, prompts=["def", "import"]),
 }
 
 
