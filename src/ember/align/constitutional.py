@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ember.align.data import read_jsonl, write_jsonl
-from ember.align.rollout import begin_stage, decode_response, encode_prompt, generate, load_lm, stop_id
+from ember.align.rollout import begin_stage, decode_response, encode_prompt, generate, load_lm, prompt_budget, stop_id
 from ember.common.config import require
 from ember.common.dist import pick_device
 from ember.common.errors import UserError
@@ -109,9 +109,10 @@ class Sampler:
 
     def __init__(self, model, tok, cfg: Config, generator: torch.Generator):
         self.model, self.tok, self.cfg, self.gen = model, tok, cfg, generator
+        self.keep = prompt_budget(model, cfg.max_prompt_len, cfg.max_new_tokens)  # growing chats keep their end
 
     def __call__(self, chats: list[list[dict]]) -> list[str]:
-        ids = [encode_prompt(self.tok, c, "chat")[-self.cfg.max_prompt_len:] for c in chats]
+        ids = [encode_prompt(self.tok, c, "chat")[-self.keep:] for c in chats]
         out = generate(self.model, ids, self.cfg.max_new_tokens, stop_id(self.tok, "chat"), self.cfg.temperature,
                        self.cfg.top_k, generator=self.gen)
         return [decode_response(self.tok, r, "chat").strip() for r in out]
@@ -185,7 +186,7 @@ def main(cfg: Config) -> dict:
             if not a or not b or a == b:
                 continue
             pr = rng.choice(principles)
-            score = preference_score(model, tok, p, pr, a, b, cfg.max_prompt_len)
+            score = preference_score(model, tok, p, pr, a, b, sample.keep)
             if score == 0.0:
                 continue  # no preference: not a training signal
             chosen, rejected = (a, b) if score > 0 else (b, a)

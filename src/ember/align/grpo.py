@@ -21,8 +21,8 @@ import torch
 
 from ember.align import losses
 from ember.align.data import arithmetic_tasks, data_inputs, exact_match, load_tasks, prompt_key
-from ember.align.rollout import (TEMPLATES, PolicyWithReference, begin_stage, collate, decode_response, encode_prompt, generate,
-                                 load_lm, stop_id, token_logps)
+from ember.align.rollout import (TEMPLATES, PolicyWithReference, begin_stage, collate, decode_response, encode_prompt,
+                                 generate, load_lm, prompt_budget, stop_id, token_logps)
 from ember.common.config import require
 from ember.common.dist import pick_device
 from ember.common.errors import UserError
@@ -108,7 +108,8 @@ def split_tasks(cfg: Config) -> tuple[list[dict], list[dict]]:
 @torch.no_grad()
 def accuracy(model, tok, tasks: list[dict], cfg: Config, device) -> float:
     """Share of tasks whose greedy reply has the exact answer."""
-    prompts = [encode_prompt(tok, t["prompt"], cfg.template)[-cfg.max_prompt_len:] for t in tasks]
+    keep = prompt_budget(model, cfg.max_prompt_len, cfg.max_new_tokens)
+    prompts = [encode_prompt(tok, t["prompt"], cfg.template)[-keep:] for t in tasks]
     replies = generate(model, prompts, cfg.max_new_tokens, stop_id(tok, cfg.template), temperature=0.0)
     return sum(exact_match(decode_response(tok, r, cfg.template), t["answer"]) for r, t in zip(replies, tasks)) / len(tasks)
 
@@ -129,6 +130,7 @@ def main(cfg: Config) -> dict:
     print0(f"[grpo] {len(train)} train / {len(val)} held-out tasks from {cfg.data}")
     pr = PolicyWithReference(load_lm(paths["model"], device), cfg.lora_r, cfg.lora_alpha, cfg.lora_targets)
     policy = pr.model.train()
+    keep = prompt_budget(policy, cfg.max_prompt_len, cfg.max_new_tokens)
     opt = build_adamw(policy, cfg.lr, cfg.weight_decay, (0.9, 0.95), device)
     advantage_fn = ADVANTAGES[cfg.advantage]
     metrics_log = Metrics(run.dir)
@@ -142,7 +144,7 @@ def main(cfg: Config) -> dict:
         t0 = time.perf_counter()
         # rollouts: G replies per prompt, groups contiguous
         tasks = rng.sample(train, min(cfg.prompts_per_step, len(train)))
-        prompts = [encode_prompt(tok, t["prompt"], cfg.template)[-cfg.max_prompt_len:] for t in tasks]
+        prompts = [encode_prompt(tok, t["prompt"], cfg.template)[-keep:] for t in tasks]
         prompts = [p for p in prompts for _ in range(cfg.group_size)]
         replies = generate(policy, prompts, cfg.max_new_tokens, stop, cfg.temperature, cfg.top_k, generator=gen)
         answers = [t["answer"] for t in tasks for _ in range(cfg.group_size)]

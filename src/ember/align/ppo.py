@@ -4,9 +4,10 @@
     ember ppo --kl_target=3 --rollouts_per_step=64 --lora_r=8
 
 Each step: sample replies from the policy (KV-cache sampling); score them with the reward model (scalar at
-the last token); per-token reward = -kl_coef * (log pi - log ref) plus the score on the last token; GAE
-advantages from a value model (initialized from the reward model, as InstructGPT); then `ppo_epochs`
-passes of clipped policy and value updates over minibatches. kl_coef adapts toward `kl_target` nats per
+the last token, normalized to mean 0 / std 1 on the initial policy's samples); per-token reward =
+-kl_coef * (log pi - log ref) plus the score on the last token; GAE advantages from a value model
+(initialized from the reward model, as InstructGPT); then `ppo_epochs` passes of clipped policy and value
+updates over minibatches. kl_coef adapts toward `kl_target` nats per
 reply (Ziegler et al.'s proportional controller). Logs reward, KL, entropy and clip fraction; reports mean
 reward and KL of held-out prompts before and after. Writes `<run>/ppo/final/` (the policy; LoRA merged).
 """
@@ -23,7 +24,7 @@ import torch
 from ember.align import losses
 from ember.align.data import arithmetic_tasks, data_inputs, prompt_key, read_jsonl, stdlib_pairs
 from ember.align.reward import last_token_scores, load_scalar_model
-from ember.align.rollout import (TEMPLATES, PolicyWithReference, SeqBatch, begin_stage, collate, encode_prompt, generate, load_lm,
+from ember.align.rollout import (TEMPLATES, PolicyWithReference, SeqBatch, begin_stage, collate, prompt_budget, encode_prompt, generate, load_lm,
                                  stop_id, token_logps)
 from ember.common.config import require
 from ember.common.dist import pick_device
@@ -121,7 +122,8 @@ def rollout(pr, reward_model, tok, prompts: list, cfg: Config, device, generator
     """Sample replies and score them: the batch plus old log-probs, reference log-probs, the reward model's
     raw scores and which replies never stopped."""
     stop = stop_id(tok, cfg.template)
-    ids = [encode_prompt(tok, p, cfg.template)[-cfg.max_prompt_len:] for p in prompts]
+    keep = prompt_budget(pr.model, cfg.max_prompt_len, cfg.max_new_tokens)
+    ids = [encode_prompt(tok, p, cfg.template)[-keep:] for p in prompts]
     replies = generate(pr.model, ids, cfg.max_new_tokens, stop, cfg.temperature, cfg.top_k, generator=generator)
     batch = collate(ids, replies, tok.pad_id).to(device)
     with torch.no_grad():

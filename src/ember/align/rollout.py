@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ember.common.errors import UserError
+
 from ember.tokenizer.chat import render_chat
 
 TEMPLATES = ("chat", "raw")
@@ -120,52 +122,40 @@ def token_logps(model: nn.Module, batch: SeqBatch, return_entropy: bool = False)
 # ---------------------------------------------------------------------------- sampling
 
 
-@torch.no_grad()
+def prompt_budget(model: nn.Module, max_prompt_len: int, max_new_tokens: int) -> int:
+    """How many prompt tokens to keep so prompt + reply fit the model's context (and max_prompt_len)."""
+    keep = min(max_prompt_len, model.config.max_seq_len - max_new_tokens)
+    if keep < 1:
+        raise UserError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in this model's context of "
+                        f"{model.config.max_seq_len} tokens: lower max_new_tokens")
+    return keep
+
+
 def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, stop: int,
              temperature: float = 1.0, top_k: int = 0, batch_size: int = 64,
              generator: torch.Generator | None = None) -> list[list[int]]:
-    """Sample a reply for each prompt with the KV cache; each reply ends at its first `stop` token (kept)
-    or after max_new_tokens. Prompts of equal length decode together (the cache has one position for the
-    whole batch, so rows must be aligned), up to batch_size rows at a time. temperature 0 = greedy."""
+    """Sample a reply for each prompt; each ends at its first `stop` token (kept) or after max_new_tokens.
+
+    Runs on serve/engine.py's Engine: prompts of any lengths decode together in one batch of up to
+    batch_size KV-cache slots (per-row positions and padding masks), the same sampler the server uses.
+    Each reply gets its own seed drawn from `generator`, so a run is reproducible and a reply does not
+    depend on its batch mates. temperature 0 = greedy. The model's train/eval mode is restored after.
+    """
+    from ember.serve.engine import Engine, SamplingParams
+
+    limit = model.config.max_seq_len
+    if any(len(p) >= limit for p in prompts):
+        raise UserError(f"a prompt of {max(len(p) for p in prompts)} tokens does not fit the model's context of "
+                        f"{limit}: lower max_prompt_len (prompts keep their last max_prompt_len tokens)")
     was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    out: list[list[int] | None] = [None] * len(prompts)
-    by_len: dict[int, list[int]] = {}
-    for i, p in enumerate(prompts):
-        by_len.setdefault(len(p), []).append(i)
-    for plen, rows in sorted(by_len.items()):
-        for s in range(0, len(rows), batch_size):
-            chunk = rows[s:s + batch_size]
-            idx = torch.tensor([prompts[i] for i in chunk], device=device)  # (b, plen)
-            cache = model.new_cache(len(chunk), max_len=plen + max_new_tokens)
-            logits = model(idx, cache=cache)[:, -1]  # (b, V)
-            tokens = torch.empty(len(chunk), 0, dtype=torch.long, device=device)
-            done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
-            for t in range(max_new_tokens):
-                nxt = sample(logits, temperature, top_k, generator)  # (b,)
-                tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-                done |= nxt == stop
-                if bool(done.all()) or t == max_new_tokens - 1:
-                    break
-                logits = model(nxt[:, None], cache=cache)[:, -1]
-            for j, i in enumerate(chunk):
-                row = tokens[j].tolist()
-                out[i] = row[:row.index(stop) + 1] if stop in row else row
+    n = len(prompts)
+    seeds = torch.randint(0, 2 ** 62, (n,), generator=generator).tolist() if generator is not None else [None] * n
+    params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=s) for s in seeds]
+    engine = Engine(model, None, n_slots=max(1, min(batch_size, n)), max_len=max(len(p) for p in prompts) + max_new_tokens,
+                    max_queue=n, stop_ids=(stop,))
+    replies = [list(r.tokens) for r in engine.generate(prompts, params)]
     model.train(was_training)
-    return out  # type: ignore[return-value]
-
-
-def sample(logits: torch.Tensor, temperature: float, top_k: int, generator=None) -> torch.Tensor:
-    """One token per row from logits (b, V): greedy at temperature 0, else softmax(logits / T) over the
-    top_k (0 = all). The generator (on the logits' device) makes rollouts reproducible."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k:
-        kth = logits.topk(min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
+    return replies
 
 
 # ---------------------------------------------------------------------------- stage setup, policy and reference
