@@ -6,7 +6,6 @@ import json
 import os
 from dataclasses import dataclass, field
 
-import pytest
 
 from ember.common import artifacts
 from ember.data.documents import make_doc, write_shards

@@ -24,7 +24,7 @@ def local_tasks(tmp_path) -> "lm_eval.tasks.TaskManager":
                                                for it in items))
     stories = (ASSETS / "heldout_stories.jsonl").read_text()
     (tmp_path / "text.jsonl").write_text(stories)
-    common = f"""
+    common = """
         dataset_path: json
         test_split: test
         metadata:
