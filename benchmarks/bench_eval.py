@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ember.eval.harness import datasets_dir
+from ember.common.paths import datasets_dir
 from ember.eval.scoring import gpt_lm
 from ember.eval.tasks import hellaswag
 

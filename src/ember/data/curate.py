@@ -29,6 +29,7 @@ from ember.common import artifacts
 from ember.common.config import require
 from ember.common.errors import UserError
 from ember.common.log import print0, progress
+from ember.common.paths import shared_dataset
 from ember.data import provenance
 from ember.data.dedup import MinHasher, content_hash, near_duplicate_roots, set_jaccard
 from ember.data.documents import read_shard, shard_paths, write_shard
@@ -112,12 +113,6 @@ class Config:
         require(1 <= self.lsh_bands <= self.minhash_perms, "lsh_bands", self.lsh_bands, f"1 .. minhash_perms ({self.minhash_perms})")
         require(0 < self.jaccard <= 1, "jaccard", self.jaccard, "a similarity in (0, 1]")
         require(self.decontam_ngram >= 1, "decontam_ngram", self.decontam_ngram, "a positive number of words")
-
-
-def shared_dataset(rel: str) -> str:
-    """A path under ../shared/datasets (beside the checkout) when it exists there, else ''."""
-    p = Path(__file__).resolve().parents[4] / "shared" / "datasets" / rel
-    return str(p) if p.exists() else ""
 
 
 def _code_preset(smoke: bool) -> Config:

@@ -185,7 +185,7 @@ PRESETS = {"smoke": lambda: Config(bootstrap=100)}
 
 
 def main(cfg: Config) -> dict:
-    from ember.eval.harness import datasets_dir
+    from ember.common.paths import datasets_dir
     from ember.eval.scoring import generate, load_lm
 
     votes_path = Path(cfg.votes) if cfg.votes else Path(cfg.run) / "serve" / "votes.jsonl"

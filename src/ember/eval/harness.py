@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -28,6 +27,7 @@ from ember.common import artifacts
 from ember.common.config import require
 from ember.common.errors import UserError
 from ember.common.log import print0
+from ember.common.paths import datasets_dir
 from ember.eval import contamination, report
 from ember.eval.stats import bootstrap
 from ember.eval.tasks import Options, get
@@ -97,19 +97,6 @@ PRESETS = {"quickstart": quickstart, "smoke": smoke, "full": full}
 
 
 # ---------------------------------------------------------------------------- inputs
-
-def datasets_dir(cfg_value: str = "") -> Path:
-    """The benchmark folder: the config value, $EMBER_DATASETS, or ../shared/datasets (from cwd, then source tree)."""
-    if cfg_value:
-        return Path(cfg_value)
-    if os.environ.get("EMBER_DATASETS"):
-        return Path(os.environ["EMBER_DATASETS"])
-    for base in (Path.cwd(), Path(__file__).resolve().parents[3]):
-        cand = base / ".." / "shared" / "datasets"
-        if cand.is_dir():
-            return cand.resolve()
-    return Path.cwd() / ".." / "shared" / "datasets"
-
 
 def default_checkpoint(run: str | Path) -> Path:
     sft = Path(run) / "sft"

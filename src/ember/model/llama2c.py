@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ember.common.errors import UserError
+from ember.common.paths import datasets_dir
 from ember.model.gpt import GPT, GPTConfig, build_model
 
 
@@ -222,7 +223,7 @@ class Llama2cTokenizer:
 def stories260k_paths(root: str | Path | None = None) -> tuple[Path, Path] | None:
     """(stories260K.bin, tok512.bin) in ../shared/datasets/models/stories260K, or None when absent."""
     if root is None:
-        root = Path(__file__).resolve().parents[4] / "shared" / "datasets" / "models" / "stories260K"
+        root = datasets_dir() / "models" / "stories260K"
     root = Path(root)
     model, tok = root / "stories260K.bin", root / "tok512.bin"
     return (model, tok) if model.is_file() and tok.is_file() else None
