@@ -25,7 +25,7 @@ import warnings
 
 import torch
 
-DEPTH, VOCAB, BATCH, SEQ, R = 8, 8192, 4, 256, 16
+DEPTH, VOCAB, BATCH, SEQ, R = 8, 8192, 2, 128, 16  # a small batch: weights, not activations, dominate
 
 
 def rss_mib() -> float:
@@ -77,15 +77,30 @@ def hf_model(method: str):
     return model, lambda idx, tgt: model(input_ids=idx, labels=idx).loss
 
 
+def _quant_state_bytes(p) -> int:
+    """bitsandbytes Params4bit keep their (double-quantized) scales in a QuantState beside the packed data."""
+    qs = getattr(p, "quant_state", None)
+    if qs is None:
+        return 0
+    parts = (qs.absmax, qs.offset, qs.state2.absmax if qs.state2 is not None else None)
+    return sum(t.numel() * t.element_size() for t in parts if isinstance(t, torch.Tensor))
+
+
 def frozen_bytes(model) -> int:
-    """Bytes of every weight that does not train: frozen parameters + any quantized storage (buffers)."""
-    n = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
-    n += sum(b.numel() * b.element_size() for b in model.buffers() if b.dtype in (torch.uint8, torch.int8))
-    for p in model.parameters():  # bitsandbytes Params4bit: packed uint8 params + their QuantState
-        qs = getattr(p, "quant_state", None)
-        if qs is not None:
-            n += sum(t.numel() * t.element_size() for t in (qs.absmax, qs.state2.absmax if qs.state2 else None,
-                                                             qs.offset) if isinstance(t, torch.Tensor))
+    """Bytes of every weight that does not train: frozen parameters and quantized storage with its scales."""
+    n = sum(p.numel() * p.element_size() + _quant_state_bytes(p) for p in model.parameters() if not p.requires_grad)
+    return n + sum(b.numel() * b.element_size() for b in model.buffers())  # NF4 storage (+ HF's RoPE table)
+
+
+def state_bytes(model, opt) -> int:
+    """Weights (all, as stored) + gradients + optimizer states + quantization scales: what a method must hold
+    besides activations, counted tensor by tensor."""
+    n = frozen_bytes(model)
+    for p in model.parameters():
+        if p.requires_grad:
+            n += p.numel() * p.element_size() * (2 if p.grad is not None else 1)
+    for st in opt.state.values():
+        n += sum(t.numel() * t.element_size() for t in st.values() if isinstance(t, torch.Tensor))
     return n
 
 
@@ -96,13 +111,13 @@ def child(lib: str, method: str, steps: int) -> dict:
     torch.manual_seed(0)
     base = rss_mib()
     model, loss_fn = (ember_model if lib == "ember" else hf_model)(method)
-    n_weights = sum(p.numel() for p in model.parameters())
+    n_weights = sum(p.numel() for n, p in model.named_parameters() if "lora" not in n)  # the base model only
     if lib == "ember":
-        frozen = frozen_weight_bytes(model)
-        n_weights += sum(m.packed.numel() * 2 for m in model.modules() if hasattr(m, "packed"))
-    else:
-        frozen = frozen_bytes(model)
+        assert frozen_weight_bytes(model) == frozen_bytes(model)  # the library's own count agrees with ours
+        n_weights += sum(m.packed.numel() * 2 for m in model.modules() if hasattr(m, "packed"))  # NF4 buffers
+    else:  # a Params4bit holds 2 weights per uint8 element
         n_weights += sum(p.numel() for p in model.parameters() if getattr(p, "quant_state", None) is not None)
+    frozen = frozen_bytes(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     idx = torch.randint(0, VOCAB, (BATCH, SEQ))
@@ -115,7 +130,12 @@ def child(lib: str, method: str, steps: int) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
-    return {"lib": lib, "method": method, "tok_s": BATCH * SEQ / statistics.median(times[1:]),
+    opt.zero_grad(set_to_none=False)  # count the gradients as they exist during a step
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
+    state = state_bytes(model, opt)
+    return {"lib": lib, "method": method, "tok_s": BATCH * SEQ / statistics.median(times[1:]), "state_mib": state / 2**20,
             "peak_mib": peak_mib(), "base_mib": base, "frozen_mib": frozen / 2**20, "trainable": trainable,
             "bf16_weights_mib": 2 * n_weights / 2**20, "loss": loss.item()}
 
@@ -139,19 +159,20 @@ def part_memory(steps: int, libs: list[str], timeout: int) -> None:
             print(f"  done {lib} {method}", file=sys.stderr)
     print(f"\nGPT depth {DEPTH} (from_depth), vocab {VOCAB}, batch {BATCH} x {SEQ} tokens, fp32 compute, "
           f"LoRA r={R} on attn+mlp, AdamW, {steps} timed steps (median)\n")
-    print("| library | method | trainable params | frozen weights MiB | vs bf16 weights | peak RSS MiB | "
-          "peak - base MiB | tokens/s |")
+    print("| library | method | trainable params | frozen weights MiB | frozen / bf16 weights | weights+grads+optim MiB "
+          "| peak RSS - base MiB | tokens/s |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['lib']} | {r['method']} | {r['trainable'] / 1e6:.2f}M | {r['frozen_mib']:.1f} | "
-              f"{r['frozen_mib'] / r['bf16_weights_mib']:.3f}x | {r['peak_mib']:.0f} | "
+              f"{r['frozen_mib'] / r['bf16_weights_mib']:.3f}x | {r['state_mib']:.0f} | "
               f"{r['peak_mib'] - r['base_mib']:.0f} | {r['tok_s']:.0f} |")
     by = {(r["lib"], r["method"]): r for r in rows}
     for m in ("full", "lora", "qlora"):
         if ("ember", m) in by and ("hf+peft", m) in by:
             e, h = by[("ember", m)], by[("hf+peft", m)]
-            print(f"{m}: ember/peer tokens/s {e['tok_s'] / h['tok_s']:.2f}x, "
-                  f"peak-base memory {(e['peak_mib'] - e['base_mib']) / max(h['peak_mib'] - h['base_mib'], 1):.2f}x")
+            print(f"{m}: ember/peer tokens/s {e['tok_s'] / h['tok_s']:.2f}x, weights+grads+optim "
+                  f"{e['state_mib'] / h['state_mib']:.2f}x, peak RSS - base "
+                  f"{(e['peak_mib'] - e['base_mib']) / max(h['peak_mib'] - h['base_mib'], 1):.2f}x")
 
 
 def part_nf4(reps: int) -> None:

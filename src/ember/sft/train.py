@@ -42,7 +42,7 @@ class Config:
     max_files: int = 0  # stdlib set only: parse at most this many source files (0 = all, ~700); bounds build time
     val_fraction: float = 0.05  # conversations held out (by content hash) for loss and stop-rate evaluation
     method: Literal["full", "lora", "qlora"] = "lora"  # what trains: all weights, adapters, or adapters on an NF4 base
-    lora_targets: list[str] = field(default_factory=lambda: ["attn", "mlp"])  # groups attn/mlp/all or layer names (q_proj, ...)
+    lora_targets: list[str] = field(default_factory=lambda: ["attn", "mlp", "lm_head"])  # groups attn/mlp/all or layer names; lm_head lets a base that never saw <|end|> learn to emit it
     lora_r: int = 16  # adapter rank
     lora_alpha: float = 32.0  # adapter scale = alpha / r (alpha = 2r is the common choice)
     lora_dropout: float = 0.0  # dropout on the adapter input (0.05-0.1 for small data sets)
@@ -82,7 +82,7 @@ class Config:
 
 PRESETS = {
     # ~2 min on 2 CPU cores after the quickstart pretrain (depth-4 model, 256-token rows)
-    "quickstart": lambda: Config(max_examples=1500, max_files=300, steps=150, batch_size=8, stop_prompts=40),
+    "quickstart": lambda: Config(max_examples=1500, max_files=300, steps=120, batch_size=8, stop_prompts=40),
     # seconds: plumbing only
     "smoke": lambda: Config(max_examples=120, max_files=40, steps=8, batch_size=4, seq_len=64, stop_prompts=4,
                             lora_r=4, lora_alpha=8),
