@@ -60,7 +60,7 @@ class Config:
 
 
 PRESETS = {
-    "quickstart": lambda: Config(n_prompts=12, revisions=1, max_new_tokens=48),  # sized (not yet timed) for ~1 min on 2 cores
+    "quickstart": lambda: Config(n_prompts=12, revisions=1, max_new_tokens=48),
     "smoke": lambda: Config(n_prompts=4, revisions=1, max_new_tokens=8),
 }
 

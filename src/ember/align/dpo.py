@@ -74,7 +74,7 @@ class Config:
 
 
 PRESETS = {
-    "quickstart": lambda: Config(n_pairs=400, steps=60, batch_size=8, max_len=128, max_prompt_len=96),
+    "quickstart": lambda: Config(n_pairs=400, steps=40, batch_size=8, max_len=128, max_prompt_len=96),
     "smoke": lambda: Config(n_pairs=200, steps=10, batch_size=4, max_len=96, max_prompt_len=64, eval_every=0),
 }
 
