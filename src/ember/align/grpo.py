@@ -82,7 +82,7 @@ class Config:
 
 
 PRESETS = {
-    "quickstart": lambda: Config(steps=30, prompts_per_step=8, group_size=8, n_val=100, max_new_tokens=8),
+    "quickstart": lambda: Config(steps=15, prompts_per_step=4, group_size=8, n_val=50, max_new_tokens=8),
     "smoke": lambda: Config(steps=3, prompts_per_step=2, group_size=4, n_val=8, n_tasks=100, eval_every=0),
 }
 

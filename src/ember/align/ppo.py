@@ -86,7 +86,7 @@ class Config:
 
 
 PRESETS = {
-    "quickstart": lambda: Config(steps=15, rollouts_per_step=16, minibatch_size=8, max_new_tokens=24, n_val=16),
+    "quickstart": lambda: Config(steps=8, rollouts_per_step=8, minibatch_size=4, max_new_tokens=16, n_val=8),
     "smoke": lambda: Config(steps=2, rollouts_per_step=4, minibatch_size=2, n_prompts=50, n_val=4,
                             max_new_tokens=8, eval_every=0),
 }
