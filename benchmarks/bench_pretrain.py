@@ -3,8 +3,8 @@
     python benchmarks/bench_pretrain.py                  # ~10M-parameter config, ~5 minutes on 2 idle CPU cores
     python benchmarks/bench_pretrain.py --steps=10 --depth=4 --rounds=1
 
-Both train the same architecture (depth 6: 6 layers, 384 wide, SwiGLU 1024, vocab 4096 -> 10.6M non-embedding
-parameters) from the same initial weights (the HF model is exported from the ember one) on random tokens,
+Both train the same architecture (depth 6: 6 layers, 384 wide, SwiGLU 1024, vocab 4096 -> 10.6M parameters
+in the blocks, 12.2M with the output head, 13.8M in all) from the same initial weights (the HF model is exported from the ember one) on random tokens,
 with AdamW, gradient clipping and a warmup schedule, batch 8 x 256 tokens, fp32. The ember side is the whole
 recipe as a user runs it (data loader, spike guard, metrics; checkpoints off); the peer is the textbook loop
 around `LlamaForCausalLM`. The two alternate (ember, hf, ember, hf) and the best round of each is reported,

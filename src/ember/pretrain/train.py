@@ -202,6 +202,8 @@ def main(cfg: Config) -> dict:
         raise UserError(f"config field 'batch_tokens' = {batch_tokens} is not a multiple of batch_size * seq_len * "
                         f"processes = {cfg.batch_size} * {cfg.seq_len} * {env.world_size} = {micro_tokens}")
     accum = batch_tokens // micro_tokens  # micro-batches per optimizer step on each process
+    if env.world_size % cfg.tp:
+        raise UserError(f"config field 'tp' = {cfg.tp} does not divide the {env.world_size} processes")
     dp_rank, dp_size = env.rank // cfg.tp, env.world_size // cfg.tp  # TP ranks of one group read the same data
     loader = open_loader([str(p) for p, _ in sources], [w for _, w in sources], cfg.batch_size, cfg.seq_len,
                          seed=cfg.seed, rank=dp_rank, world_size=dp_size)
@@ -226,9 +228,10 @@ def main(cfg: Config) -> dict:
             raise UserError(f"config field 'model.vocab_size' = {cfg.model.vocab_size} is smaller than the vocabulary "
                             f"of the tokens ({vocab}); set it to 0 (= from the tokens) or >= {vocab}")
         mcfg = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or vocab)
-        torch.manual_seed(cfg.seed)  # the same initial weights on every rank (then sharded or replicated)
+        # the same initial weights on every rank, then sharded or replicated: exact parity with one process. (A
+        # model too large for one device would instead be built on "meta", parallelized, then materialized.)
+        torch.manual_seed(cfg.seed)
         model = build_model(mcfg, env.device)
-    raw_model = model
     n_params = model.num_params()
     flops_per_token = model.flops_per_token(cfg.seq_len)
     mesh = dist.make_mesh(env.device, cfg.tp)
