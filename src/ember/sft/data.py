@@ -165,7 +165,9 @@ def _function_pairs(tree: ast.Module, module: str) -> list[dict]:
 
 
 def _conversation(f: dict, rng: random.Random) -> list[dict]:
-    """One of four turn kinds for a function: explain, write, name it, or explain + ask for its arguments."""
+    """One of four turn kinds for a function: explain, write, name it, or explain + ask for its arguments.
+    Each kind's reply opens differently (summary, code block, "Call it", "It takes"), so a small model can
+    tell early which form, and so which ending, it is writing."""
     kind = rng.randrange(4)
     code = f"```python\n{f['code']}\n```"
     if kind == 0:
@@ -175,7 +177,7 @@ def _conversation(f: dict, rng: random.Random) -> list[dict]:
         turns = [("user", f"Write a Python function `{sig}`. {f['summary']}"), ("assistant", code)]
     elif kind == 2:
         turns = [("user", f"Suggest a name for a Python function that does this: {f['summary']}"),
-                 ("assistant", f"`{f['name']}`")]
+                 ("assistant", f"Call it `{f['name']}`.")]  # not "`name`": a reply opening like a code block
     else:
         args = ", ".join(f"`{a}`" for a in f["args"])
         turns = [("user", f"What does this function do?\n\n{code}"), ("assistant", f["summary"]),

@@ -81,7 +81,8 @@ class Config:
 
 
 PRESETS = {
-    # ~2 min on 2 CPU cores after the quickstart pretrain (depth-4 model, 256-token rows)
+    # after the quickstart pretrain (depth 4, 256-token rows): < 3 min on 2 shared CPU cores, stops at <|end|> on
+    # all 40 held-out prompts (docs/benchmarks.md, Fine-tuning)
     "quickstart": lambda: Config(max_examples=1500, max_files=300, steps=120, batch_size=8, stop_prompts=40),
     # seconds: plumbing only
     "smoke": lambda: Config(max_examples=120, max_files=40, steps=8, batch_size=4, seq_len=64, stop_prompts=4,
