@@ -10,9 +10,7 @@ import torch
 from ember.common.errors import UserError
 from ember.sft import data as D
 
-DATASETS = Path(__file__).resolve().parents[3] / "shared" / "datasets"
-if not DATASETS.is_dir():
-    DATASETS = Path("/work/shared/datasets")
+DATASETS = Path(__file__).resolve().parents[3] / "shared" / "datasets"  # ../shared/datasets of the checkout
 
 MULTI = [{"role": "system", "content": "Be brief."},
          {"role": "user", "content": "What does len do?"},

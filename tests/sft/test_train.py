@@ -2,6 +2,7 @@
 
 import io
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,6 +66,14 @@ def test_sft_teaches_replies_that_stop(run_folder, chat_file):
                           batch_size=8, lr=3e-3, stop_prompts=10, val_fraction=0.1, log_every=40))
     assert m["stop_rate_before"] == 0.0 and m["stop_rate"] >= 0.9, m
     assert m["val_loss"] < m["val_loss_before"] - 1.5, m
+
+
+def test_real_multi_turn_data(run_folder):
+    oasst = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "oasst" / "oasst_en_100_tree.jsonl"
+    if not oasst.is_file():
+        pytest.skip(f"{oasst} not present (shared datasets absent)")
+    m = train.main(config(run_folder, data=str(oasst), max_examples=60, steps=2, stop_prompts=0))
+    assert m["train_conversations"] + m["val_conversations"] == 60 and m["trained_tokens"] > 0
 
 
 def test_user_errors(run_folder, tmp_path):
