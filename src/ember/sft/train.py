@@ -136,7 +136,7 @@ def stop_eval(model, tok, convs: list[list[dict]], n: int) -> tuple[float, list[
 
 
 def pct(x: float) -> str:
-    return "n/a (no held-out prompt fits the context)" if math.isnan(x) else f"{x:.0%}"
+    return "n/a" if math.isnan(x) else f"{x:.0%}"
 
 
 # ---------------------------------------------------------------------------- the recipe
@@ -218,7 +218,8 @@ def main(cfg: Config) -> dict:
     # ---- evaluation before training (the baseline the metrics compare to)
     val_loss0 = eval_loss(model, val_rows, cfg, tok.pad_id, seq_len, device, autocast)
     stop0, _ = stop_eval(model, tok, val_convs, cfg.stop_prompts)
-    print0(f"[sft] before: val loss {val_loss0:.4f} | stops at <|end|> {pct(stop0)}")
+    print0(f"[sft] before: val loss {val_loss0:.4f} | stops at <|end|> {pct(stop0)}"
+           + (" (no held-out prompt fits the context)" if math.isnan(stop0) and cfg.stop_prompts else ""))
     metrics.log(0, val_loss=val_loss0, stop_rate=stop0)
 
     # ---- loop
