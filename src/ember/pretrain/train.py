@@ -102,8 +102,8 @@ def tiny() -> Config:
 
 
 def quickstart() -> Config:
-    """The README pipeline on a 2-core CPU: 500 steps x 2048 tokens of the stdlib tokens, about 10 minutes on a
-    busy 2-core machine (bf16 on AVX512-BF16 CPUs). Samples look like Python (docs/stages/pretrain.md)."""
+    """The README pipeline: 500 steps x 2048 tokens of the stdlib tokens; 3 minutes on a quiet 2-core CPU with
+    native bf16, 11 under heavy load (docs/benchmarks.md). Samples look like Python (docs/stages/pretrain.md)."""
     return Config(model=GPTConfig.from_depth(4, 0, max_seq_len=256), steps=500, batch_size=8, seq_len=256,
                   lr=3e-3, warmup_steps=40, eval_every=250, eval_batches=10, save_every=250, log_every=25)
 
