@@ -265,6 +265,63 @@ def test_loss_ignore_index_reduction_and_token_logprobs():
     assert lp[1, 2].item() == pytest.approx(logits[1, 2].log_softmax(-1)[targets[1, 2]].item(), rel=1e-6)
 
 
+def reference_loss(model, idx, targets):
+    """The loss through the whole (B, T, V) logits tensor, as transformers computes it."""
+    logits = model(idx).float()
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+
+@pytest.mark.parametrize("kw,chunk_rows", [({}, None), ({"tie_embeddings": True}, None), ({}, 5),
+                                           ({"n_expert": 4, "moe_aux_coef": 0.0, "moe_z_coef": 0.0}, 7)])
+def test_fused_head_loss_equals_the_logits_path(monkeypatch, kw, chunk_rows):
+    """The loss fuses the head into cross-entropy and computes its gradients in forward; loss and every
+    parameter's gradient equal autograd through the full logits, also when rows go through in chunks
+    (chunk_rows: 16 rows = 5 + 5 + 5 + 1, 7 + 7 + 2)."""
+    import ember.model.gpt as gpt
+    if chunk_rows:
+        monkeypatch.setattr(gpt, "LOSS_CHUNK_BYTES", chunk_rows * 4 * TINY["vocab_size"])
+    model = tiny(**kw).train()
+    idx = torch.randint(0, 128, (2, 8))
+    targets = torch.randint(0, 128, (2, 8))
+    targets[0, :3] = -100
+    targets[1, 7] = -100
+    fused = model(idx, targets)
+    fused.backward()
+    fused_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    ref = reference_loss(model, idx, targets)  # (the MoE case without its aux losses: they are not the head's)
+    ref.backward()
+    assert fused.item() == pytest.approx(ref.item(), rel=1e-6)
+    for n, p in model.named_parameters():
+        assert torch.allclose(fused_grads[n], p.grad, rtol=1e-5, atol=1e-7), n
+    with torch.no_grad():  # the no-grad chunked path (evaluation) gives the same numbers
+        assert model(idx, targets).item() == pytest.approx(ref.item(), rel=1e-6)
+        per_tok = model(idx, targets, reduction="none")
+        assert torch.allclose(per_tok, -token_logprobs(model(idx), targets), atol=1e-6)
+
+
+def test_fused_head_loss_bf16_autocast_and_frozen_head():
+    model = tiny().train()
+    idx = torch.randint(0, 128, (2, 8))
+    targets = torch.randint(0, 128, (2, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = model(idx, targets)
+    fused.backward()
+    fused_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = reference_loss(model, idx, targets)
+    ref.backward()
+    assert fused.dtype == torch.float32 and fused.item() == pytest.approx(ref.item(), rel=1e-3)
+    for n, p in model.named_parameters():  # both round the logits' gradient to bf16, before/after the 1/tokens scale
+        assert fused_grads[n].dtype == torch.float32
+        assert (fused_grads[n] - p.grad).norm() / p.grad.norm() < 2e-2, n
+    model.zero_grad(set_to_none=True)
+    model.lm_head.weight.requires_grad_(False)  # a frozen head: no gradient computed for it
+    model(idx, targets).backward()
+    assert model.lm_head.weight.grad is None and model.tok_emb.weight.grad is not None
+
+
 def test_num_params_and_flops_by_hand():
     V, D, L, H, Hkv, hd, Fh = 128, 64, 2, 4, 2, 16, 192
     per_layer = 2 * D + D * H * hd * 2 + 2 * D * Hkv * hd + 3 * D * Fh

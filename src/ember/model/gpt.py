@@ -266,6 +266,77 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return -nll.view_as(targets)
 
 
+# ---------------------------------------------------------------------------- the output head fused into the loss
+
+LOSS_CHUNK_BYTES = 256 * 2**20  # one chunk of rows' fp32 logits: bounds the loss's memory on a GPU
+
+
+def _chunks(n_rows: int, vocab: int):
+    rows = max(1, min(n_rows, LOSS_CHUNK_BYTES // (4 * vocab)))
+    return rows, [(s, min(s + rows, n_rows)) for s in range(0, n_rows, rows)]
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of x @ weight.T against targets, the (N, V) logits never whole (Liger, Cut CE).
+
+    Rows go through in chunks; each chunk's logits become its loss and at once its gradients (softmax -
+    one_hot, times weight for x and times x for weight), so forward also does backward's work and backward
+    only scales by the incoming gradient. What it saves: the N x V logits, log-probs and their gradient,
+    which eager autograd keeps or allocates every step (3 x 64 MiB at N = 2048, V = 8192, fp32), and on CPU
+    the page faults of touching that much fresh memory (about a third of the head's time in a small model).
+    x (N, D), weight (V, D), targets (N,) with -100 = ignored; dtype: the matmuls' dtype (bf16 under autocast).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, dtype):
+        (N, D), V = x.shape, weight.size(0)
+        need_x, need_w = ctx.needs_input_grad[:2]
+        ctx.dtypes = x.dtype, weight.dtype
+        rows, chunks = _chunks(N, V)
+        w = weight.to(dtype)
+        logits = torch.empty(rows, V, dtype=dtype, device=x.device)  # both reused by every chunk
+        logp = torch.empty(rows, V, dtype=torch.float32, device=x.device)
+        grad_x = torch.empty(N, D, dtype=dtype, device=x.device) if need_x else None
+        grad_w = torch.zeros(V, D, dtype=torch.float32, device=x.device) if need_w else None
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        with torch.autocast(x.device.type, enabled=False):  # dtypes are explicit here
+            for s, e in chunks:
+                xc, keep = x[s:e].to(dtype), targets[s:e] != -100
+                t = targets[s:e].clamp(min=0).unsqueeze(1)  # (n, 1); ignored rows point at 0 and are masked
+                lg, lp = logits[:e - s], logp[:e - s]
+                torch.log_softmax(torch.mm(xc, w.t(), out=lg), dim=-1, dtype=torch.float32, out=lp)
+                total -= (lp.gather(1, t).squeeze(1) * keep).sum()
+                g = lp.exp_()  # softmax (n, V): d loss_row / d logits = softmax - one_hot(target)
+                g.scatter_add_(1, t, -keep.unsqueeze(1).float())
+                g.mul_(keep.unsqueeze(1))  # ignored rows contribute nothing
+                g = lg.copy_(g) if dtype != torch.float32 else g
+                if need_x:
+                    torch.mm(g, w, out=grad_x[s:e])
+                if need_w:
+                    grad_w.add_(g.t() @ xc) if dtype != torch.float32 else grad_w.addmm_(g.t(), xc)
+        ctx.save_for_backward(grad_x, grad_w)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_x, grad_w = ctx.saved_tensors
+        x_dtype, w_dtype = ctx.dtypes
+        return (None if grad_x is None else (grad_x * grad).to(x_dtype),
+                None if grad_w is None else (grad_w * grad).to(w_dtype), None, None)
+
+
+@torch.no_grad()
+def _chunked_nll(x, weight, targets, dtype):
+    """-log p(target) per row, (N,) fp32 (0 where ignored), chunk by chunk like _LinearCrossEntropy, no grads."""
+    nll = torch.zeros(x.size(0), dtype=torch.float32, device=x.device)
+    w = weight.to(dtype)
+    for s, e in _chunks(x.size(0), weight.size(0))[1]:
+        keep, t = targets[s:e] != -100, targets[s:e].clamp(min=0).unsqueeze(1)
+        logp = torch.log_softmax(x[s:e].to(dtype) @ w.t(), dim=-1, dtype=torch.float32)
+        nll[s:e] = -logp.gather(1, t).squeeze(1) * keep
+    return nll
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -325,21 +396,41 @@ class GPT(nn.Module):
                 moe.append(m)
         if cache is not None:
             cache.pos += T
-        x = self.norm(x)
-        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.tok_emb.weight)  # (B, T, V)
+        x = self.norm(x)  # (B, T, n_embd)
         if moe:
             self.moe_stats = torch.stack(moe).mean(dim=0).detach()
         if targets is None:
-            return logits
-        nll = -token_logprobs(logits, targets)  # (B, T)
-        if reduction == "none":
-            return nll
-        assert reduction == "mean", reduction
-        loss = nll.sum() / (targets != -100).sum().clamp(min=1)
+            return self.head(x)  # (B, T, V)
+        assert reduction in ("mean", "none"), reduction
+        w = self._fusable_head_weight()
+        if w is None or (reduction == "none" and torch.is_grad_enabled()):
+            nll = -token_logprobs(self.head(x), targets)  # (B, T): per-token gradients go through the logits
+            if reduction == "none":
+                return nll
+            nll_sum = nll.sum()
+        else:
+            dev = x.device.type
+            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else w.dtype
+            if reduction == "none":
+                return _chunked_nll(x.flatten(0, 1), w, targets.flatten(), dtype).view_as(targets)
+            nll_sum = _LinearCrossEntropy.apply(x.flatten(0, 1), w, targets.flatten(), dtype) \
+                if torch.is_grad_enabled() else _chunked_nll(x.flatten(0, 1), w, targets.flatten(), dtype).sum()
+        loss = nll_sum / (targets != -100).sum().clamp(min=1)
         if moe:
             aux, z = torch.stack(moe).mean(dim=0)
             loss = loss + self.config.moe_aux_coef * aux + self.config.moe_z_coef * z
         return loss
+
+    def head(self, x):
+        """Logits (..., V) of the final hidden states x (..., n_embd)."""
+        return self.lm_head(x) if self.lm_head is not None else F.linear(x, self.tok_emb.weight)
+
+    def _fusable_head_weight(self):
+        """The head's (V, n_embd) matrix when the fused loss can read it directly; None for a head with its
+        own forward (LoRA, quantized, a reward head) or a distributed tensor: those go through head()."""
+        w = self.tok_emb.weight if self.lm_head is None else \
+            self.lm_head.weight if type(self.lm_head) is nn.Linear and self.lm_head.bias is None else None
+        return w if w is not None and type(w.data) is torch.Tensor else None
 
     @staticmethod
     def _attn_mask(T, start, doc_ids, cache, device):
