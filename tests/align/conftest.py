@@ -25,12 +25,6 @@ def one_thread():
         torch.set_num_threads(n)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
-
-
 @pytest.fixture
 def arith() -> dict:
     """The arithmetic settings (grpo.Config fields) of the fixture model's training tasks."""

@@ -12,15 +12,6 @@ from ember.model.lora import (LoRALinear, apply_lora, load_adapter, lora_disable
 from ember.model.quant import NF4Linear, quantize_nf4_
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls are latency-bound: on a busy 2-core machine a second intra-op thread slows them down."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 CFG = GPTConfig(vocab_size=128, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, max_seq_len=32)
 
 

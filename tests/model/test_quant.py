@@ -12,15 +12,6 @@ from ember.model.quant import (DYNAMIC8, NF4_CODE, NF4Embedding, NF4Linear, dequ
                                quantize_nf4_, unpack_nibbles)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls are latency-bound: on a busy 2-core machine a second intra-op thread slows them down."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_nf4_table_is_normal_quantiles():
     # QLoRA App. E: 8 positive levels = N(0,1) quantiles of linspace(delta, 1/2, 9)[:-1], 7 negative of
     # linspace(delta, 1/2, 8)[:-1], plus 0, normalized by the largest; delta = 1 - 0.9677083 (bitsandbytes).

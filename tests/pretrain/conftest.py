@@ -48,14 +48,3 @@ def tiny_config(run: Path, data: Path, **kw) -> train.Config:
                 model=GPTConfig(vocab_size=0, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, max_seq_len=32))
     base.update(kw)
     return train.Config(**base)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one intra-op thread (and thread pools crawl on a loaded 2-core machine)."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

@@ -17,14 +17,6 @@ from ember.model.gpt import GPTConfig, build_model
 from ember.model.llama2c import Llama2cTokenizer, load_llama2c, stories260k_paths
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class CharTokenizer:
     """ids 0 (BOS) and 1 (EOS), then one id per character of ALPHABET."""
 

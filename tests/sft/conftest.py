@@ -11,15 +11,6 @@ import torch
 from ember.model.gpt import GPTConfig, build_model
 from ember.sft.data import stdlib_conversations
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are latency-bound: on a busy 2-core machine a second intra-op thread slows them down."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 MAX_FILES = 60  # stdlib files parsed for the fixtures: a few hundred conversations in about a second
 
 
