@@ -24,7 +24,6 @@ import time
 from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 
 from ember.common.config import require
 from ember.common.errors import UserError
@@ -396,7 +395,7 @@ class Engine:
             x, _ = block(x, cos, sin, mask, is_causal, self.cache)
         self.cache.advance()
         x = m.norm(x[:, -1])  # (B, n_embd): only the last position predicts the next token
-        return m.lm_head(x) if m.lm_head is not None else F.linear(x, m.tok_emb.weight)
+        return m.head(x)
 
     def _accept(self, r: Request, logits: torch.Tensor) -> None:
         """Sample the next token of r from its logits (V,), update its text, stream, and finish it if done."""
