@@ -79,6 +79,8 @@ def test_killed_run_resumes_bit_identical(tmp_path, tokens):
     out, _ = resumed.communicate(timeout=120)
     assert resumed.returncode == 0, out
     assert "resumed from" in out
+    steps = [r["step"] for r in read_metrics(tmp_path / "killed" / "pretrain" / "metrics.jsonl") if "loss" in r]
+    assert steps == list(range(1, 25)) and losses(tmp_path / "killed") == losses(tmp_path / "whole")  # no repeats
     a = load_file(tmp_path / "whole" / "pretrain" / "final" / "model.safetensors")
     b = load_file(tmp_path / "killed" / "pretrain" / "final" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -131,6 +131,31 @@ class Metrics:
                 if isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, step)
 
+    def resume_at(self, step: int) -> None:
+        """Forget the rows logged after `step`: a run resumed from step's checkpoint logs those steps again
+        (TensorBoard: purge_step). A torn last line of a killed run goes too. Rewritten atomically."""
+        if not self.enabled:
+            return
+        from ember.common.artifacts import atomic_path  # artifacts imports this module
+
+        self.file.close()
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines(keepends=True):
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue
+        with atomic_path(self.path) as tmp:
+            tmp.write_text("".join(kept), encoding="utf-8")
+        self.file = open(self.path, "a", encoding="utf-8")
+        if self.tb is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            log_dir = self.tb.log_dir
+            self.tb.close()
+            self.tb = SummaryWriter(log_dir=log_dir, purge_step=step + 1)
+
     def close(self) -> None:
         if not self.enabled:
             return

@@ -263,6 +263,7 @@ def main(cfg: Config) -> dict:
     ckpt = train_state.latest(out_dir)
     if ckpt is not None:  # artifacts.begin kept this folder: same config and inputs, so resume
         step = restore(ckpt, with_loader=True)
+        metrics.resume_at(step)  # the steps after the checkpoint run again: their old rows go
         print0(f"[pretrain] resumed from {ckpt} at step {step}")
 
     # validation and samples
