@@ -61,7 +61,7 @@ def test_bad_records_name_the_line(tmp_path):
     with pytest.raises(UserError, match=r"chat.jsonl:3: message 0"):
         D.load_conversations(f)
     f.write_text('{"messages": [\n')
-    with pytest.raises(UserError, match=r"chat.jsonl:1: invalid JSON"):
+    with pytest.raises(UserError, match=r"chat.jsonl:1: not valid JSON"):
         D.load_conversations(f)
     f.write_text(json.dumps({"messages": [{"role": "user", "content": "only a question"}]}) + "\n")
     with pytest.raises(UserError, match="no assistant message"):

@@ -21,11 +21,12 @@ from pathlib import Path
 
 import torch
 
-from ember.align.data import read_jsonl, write_jsonl
+from ember.align.data import read_jsonl
 from ember.align.rollout import begin_stage, decode_response, encode_prompt, generate, load_lm, prompt_budget, stop_id
 from ember.common.config import require
 from ember.common.dist import pick_device
 from ember.common.errors import UserError
+from ember.common.jsonl import write_jsonl
 from ember.common.log import print0
 
 DEFAULT_PRINCIPLES = Path(__file__).with_name("constitution.json")

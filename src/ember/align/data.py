@@ -8,7 +8,6 @@ running interpreter's stdlib vs a corrupted copy) and `arithmetic_tasks` (exact-
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import random
@@ -18,36 +17,17 @@ from pathlib import Path
 from typing import Iterator
 
 from ember.common.errors import UserError
+from ember.common.jsonl import read_jsonl as _read_jsonl
 
 Messages = list[dict]  # [{"role": "user" | "assistant" | "system", "content": str}, ...]
 
 
-# ---------------------------------------------------------------------------- reading JSONL
-
-
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """(line number, record) for each non-blank line of a .jsonl or .jsonl.gz file."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"data file {path} not found: pass --data=<a .jsonl or .jsonl.gz file>")
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{i}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-            if not isinstance(rec, dict):
-                raise UserError(f"{path}:{i}: expected a JSON object, got {type(rec).__name__}")
-            yield i, rec
+    """(line number, record) of a preference/task .jsonl(.gz) file (common/jsonl.py)."""
+    return _read_jsonl(path, missing="pass --data=<a .jsonl or .jsonl.gz file>")
 
 
-def write_jsonl(path: str | Path, records: list[dict]) -> None:
-    from ember.common.artifacts import write_text
-
-    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+# ---------------------------------------------------------------------------- checking records
 
 
 def _check_prompt(prompt, where: str):

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ember.common.errors import UserError
+from ember.common.jsonl import read_jsonl
 from ember.tokenizer.chat import render_chat
 
 ROLES = ("system", "user", "assistant")
@@ -98,26 +99,16 @@ def load_conversations(path: str | Path) -> list[list[dict]]:
     if not path.is_file():
         raise UserError(f"chat data {path} not found: give a .jsonl/.json file (or folder), or leave `data` "
                         f"empty for the built-in stdlib instruction set")
-    text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
         try:
-            records = json.loads(text)
+            records = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); fix the file or convert it to JSONL") from None
         records = records.get("data", records) if isinstance(records, dict) else records
         if not isinstance(records, list):
             raise UserError(f"{path}: a .json chat file must hold a list of records")
         return [to_messages(r, f"{path}[{i}]") for i, r in enumerate(records)]
-    out = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{n}: invalid JSON ({e.msg}); each line must be one JSON object") from None
-        out.append(to_messages(rec, f"{path}:{n}"))
-    return out
+    return [to_messages(rec, f"{path}:{n}") for n, rec in read_jsonl(path)]
 
 
 # ---------------------------------------------------------------------------- the default set: stdlib

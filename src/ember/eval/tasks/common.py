@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ember.common import jsonl
 from ember.common.errors import UserError
 from ember.eval.stats import Statistic, means
 
@@ -56,19 +56,8 @@ def open_text(path: str | Path):
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"eval data file {path} not found; pass the task as name:PATH or set --data_dir")
-    out = []
-    with open_text(path) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{i}: not valid JSON ({e.msg}); fix or remove the line") from None
-    return out
+    """The records of an eval data file (.jsonl or .jsonl.gz; common/jsonl.py)."""
+    return [rec for _, rec in jsonl.read_jsonl(path, missing="pass the task as name:PATH or set --data_dir")]
 
 
 def need(row: dict, keys: tuple[str, ...], where: str) -> None:
