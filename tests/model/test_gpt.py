@@ -265,6 +265,19 @@ def test_loss_ignore_index_reduction_and_token_logprobs():
     assert lp[1, 2].item() == pytest.approx(logits[1, 2].log_softmax(-1)[targets[1, 2]].item(), rel=1e-6)
 
 
+def graph_ops(t: torch.Tensor) -> set[str]:
+    """Names of the autograd nodes behind t: shows which loss path built it."""
+    names, stack, seen = set(), [t.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(type(fn).__name__)
+        stack.extend(f for f, _ in fn.next_functions)
+    return names
+
+
 def reference_loss(model, idx, targets):
     """The loss through the whole (B, T, V) logits tensor, as transformers computes it."""
     logits = model(idx).float()
@@ -286,10 +299,12 @@ def test_fused_head_loss_equals_the_logits_path(monkeypatch, kw, chunk_rows):
     targets[0, :3] = -100
     targets[1, 7] = -100
     fused = model(idx, targets)
+    assert "_LinearCrossEntropyBackward" in graph_ops(fused)  # the fused path, not the logits one, was taken
     fused.backward()
     fused_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     ref = reference_loss(model, idx, targets)  # (the MoE case without its aux losses: they are not the head's)
+    assert "_LinearCrossEntropyBackward" not in graph_ops(ref)
     ref.backward()
     assert fused.item() == pytest.approx(ref.item(), rel=1e-6)
     for n, p in model.named_parameters():
@@ -316,10 +331,27 @@ def test_fused_head_loss_bf16_autocast_and_frozen_head():
     for n, p in model.named_parameters():  # both round the logits' gradient to bf16, before/after the 1/tokens scale
         assert fused_grads[n].dtype == torch.float32
         assert (fused_grads[n] - p.grad).norm() / p.grad.norm() < 2e-2, n
+    assert "_LinearCrossEntropyBackward" in graph_ops(fused)
     model.zero_grad(set_to_none=True)
     model.lm_head.weight.requires_grad_(False)  # a frozen head: no gradient computed for it
     model(idx, targets).backward()
     assert model.lm_head.weight.grad is None and model.tok_emb.weight.grad is not None
+
+
+def test_heads_with_their_own_forward_and_per_token_gradients_use_the_logits():
+    """A LoRA head (its own forward) and reduction="none" with grad (per-token gradients, as DPO) go through
+    the logits; the loss still equals the reference."""
+    from ember.model.lora import apply_lora
+
+    model = tiny().train()
+    idx, targets = torch.randint(0, 128, (2, 8)), torch.randint(0, 128, (2, 8))
+    per_token = model(idx, targets, reduction="none")
+    assert "_LinearCrossEntropyBackward" not in graph_ops(per_token)
+    assert torch.allclose(per_token, -token_logprobs(model(idx), targets))
+    apply_lora(model, ["lm_head"], r=4, alpha=8)
+    loss = model(idx, targets)
+    assert "_LinearCrossEntropyBackward" not in graph_ops(loss)
+    assert loss.item() == pytest.approx(reference_loss(model, idx, targets).item(), rel=1e-6)
 
 
 def test_num_params_and_flops_by_hand():
