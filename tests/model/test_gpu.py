@@ -48,6 +48,7 @@ def test_fused_head_loss_equals_the_logits_path_on_gpu(autocast):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
             loss = model(idx, targets) if fused else \
                 F.cross_entropy(model(idx).float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        assert (type(loss.grad_fn.next_functions[0][0]).__name__ == "_LinearCrossEntropyBackward") == fused
         loss.backward()
         grads.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     (fused_loss, fused_g), (ref_loss, ref_g) = grads
