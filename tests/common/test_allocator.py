@@ -43,3 +43,4 @@ def test_large_tensors_reuse_memory_unless_the_user_opts_out():
     assert steady_default > 4 * 3 * 16384, default  # glibc's default: each step faults its big tensors in again
     assert steady_tuned < 0.6 * steady_default, (tuned, default)  # measured: 0.0-0.4x
     assert probe(MALLOC_TRIM_THRESHOLD_="131072")["tuned"] is False  # the user's own glibc settings win
+    assert probe(EMBER_MALLOC="off")["tuned"] is False
