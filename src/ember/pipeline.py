@@ -103,7 +103,13 @@ def main(cfg: Config) -> dict:
     steps = RECIPES[cfg.recipe](cfg.run)
     if not steps:
         raise UserError(f"recipe '{cfg.recipe}' has no stages in this build")
-    return run_steps(select(steps, cfg.from_stage, cfg.to_stage))
+    t0 = time.time()
+    results = run_steps(select(steps, cfg.from_stage, cfg.to_stage))
+    print0(f"[pipeline] {len(results)} stage(s) in {(time.time() - t0) / 60:.1f} min, outputs in {cfg.run}/")
+    if "card" in results:
+        print0(f"[pipeline] the model card: {cfg.run}/card/MODEL_CARD.md; talk to the model: "
+               f"ember chat --run={cfg.run} (terminal) or ember serve --run={cfg.run} (web chat + OpenAI API)")
+    return results
 
 
 if __name__ == "__main__":
