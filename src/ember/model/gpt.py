@@ -283,7 +283,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     one_hot, times weight for x and times x for weight), so forward also does backward's work and backward
     only scales by the incoming gradient. What it saves: the N x V logits, log-probs and their gradient,
     which eager autograd keeps or allocates every step (3 x 64 MiB at N = 2048, V = 8192, fp32), and on CPU
-    the page faults of touching that much fresh memory (about a third of the head's time in a small model).
+    the page faults of touching that much fresh memory (30% of the head + loss time of the small
+    benchmark model under glibc's default allocator).
     x (N, D), weight (V, D), targets (N,) with -100 = ignored; dtype: the matmuls' dtype (bf16 under autocast).
     """
 
@@ -402,20 +403,18 @@ class GPT(nn.Module):
         if targets is None:
             return self.head(x)  # (B, T, V)
         assert reduction in ("mean", "none"), reduction
-        w = self._fusable_head_weight()
-        if w is None or (reduction == "none" and torch.is_grad_enabled()):
-            nll = -token_logprobs(self.head(x), targets)  # (B, T): per-token gradients go through the logits
-            if reduction == "none":
-                return nll
-            nll_sum = nll.sum()
+        w, grad = self._fusable_head_weight(), torch.is_grad_enabled()
+        if w is None or (reduction == "none" and grad):  # a head with its own forward, or per-token gradients
+            nll = -token_logprobs(self.head(x), targets)  # (B, T), through the (B, T, V) logits
         else:
             dev = x.device.type
-            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else w.dtype
-            if reduction == "none":
-                return _chunked_nll(x.flatten(0, 1), w, targets.flatten(), dtype).view_as(targets)
-            nll_sum = _LinearCrossEntropy.apply(x.flatten(0, 1), w, targets.flatten(), dtype) \
-                if torch.is_grad_enabled() else _chunked_nll(x.flatten(0, 1), w, targets.flatten(), dtype).sum()
-        loss = nll_sum / (targets != -100).sum().clamp(min=1)
+            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else w.dtype  # matmuls'
+            x, flat = x.flatten(0, 1), targets.flatten()
+            nll = _LinearCrossEntropy.apply(x, w, flat, dtype) if grad else \
+                _chunked_nll(x, w, flat, dtype).view_as(targets)  # training: the summed loss; evaluation: (B, T)
+        if reduction == "none":
+            return nll
+        loss = nll.sum() / (targets != -100).sum().clamp(min=1)
         if moe:
             aux, z = torch.stack(moe).mean(dim=0)
             loss = loss + self.config.moe_aux_coef * aux + self.config.moe_z_coef * z
