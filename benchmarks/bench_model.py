@@ -23,7 +23,7 @@ import warnings
 import torch
 
 import ember
-from ember.model.gpt import GPTConfig, build_model
+from ember.model.gpt import GPT, GPTConfig, build_model
 from ember.model.hf import export_hf
 
 # name -> (GPTConfig, batch, seq_len): the depth-4 model of the CPU quickstart, and a wider/longer one
@@ -93,13 +93,18 @@ def main():
     p.add_argument("--configs", default="small,medium", help="comma-separated: " + ",".join(CONFIGS))
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--unfused-loss", action="store_true",
+                   help="ablation: ember's loss through the full logits, as HF (not the fused head + loss)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.unfused_loss:
+        GPT._fusable_head_weight = lambda self: None  # forward then takes its logits path
     import transformers
     gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else "-"
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}, "
-          f"load average {os.getloadavg()[0]:.1f}, glibc keeps freed memory: {ember.KEEPS_FREED_MEMORY}, GPU {gpu}")
+          f"load average {os.getloadavg()[0]:.1f}, glibc keeps freed memory: {ember.KEEPS_FREED_MEMORY}, GPU {gpu}, "
+          f"ember loss {'unfused (ablation)' if args.unfused_loss else 'fused'}")
     rows = []
     for name in args.configs.split(","):
         cfg, batch, seq = CONFIGS[name]
