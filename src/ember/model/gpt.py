@@ -298,7 +298,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         logits = torch.empty(rows, V, dtype=dtype, device=x.device)  # both reused by every chunk
         logp = torch.empty(rows, V, dtype=torch.float32, device=x.device)
         grad_x = torch.empty(N, D, dtype=dtype, device=x.device) if need_x else None
-        grad_w = torch.zeros(V, D, dtype=torch.float32, device=x.device) if need_w else None
+        grad_w = torch.empty(V, D, dtype=torch.float32, device=x.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=x.device)
         with torch.autocast(x.device.type, enabled=False):  # dtypes are explicit here
             for s, e in chunks:
@@ -313,8 +313,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 g = lg.copy_(g) if dtype != torch.float32 else g
                 if need_x:
                     torch.mm(g, w, out=grad_x[s:e])
-                if need_w:
-                    grad_w.add_(g.t() @ xc) if dtype != torch.float32 else grad_w.addmm_(g.t(), xc)
+                if need_w:  # the first chunk writes grad_w, later ones add to it (fp32 sums of dtype matmuls)
+                    if dtype == torch.float32:
+                        torch.mm(g.t(), xc, out=grad_w) if s == 0 else grad_w.addmm_(g.t(), xc)
+                    else:
+                        grad_w.copy_(g.t() @ xc) if s == 0 else grad_w.add_(g.t() @ xc)
         ctx.save_for_backward(grad_x, grad_w)
         return total
 

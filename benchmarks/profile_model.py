@@ -1,0 +1,81 @@
+"""Where a forward+backward step goes: torch.profiler over ember's GPT and transformers' Llama, side by side.
+
+    python benchmarks/profile_model.py                                   # small config, fp32, CPU
+    python benchmarks/profile_model.py --device=cuda --configs=medium,gpu --dtype=bf16
+
+Same models, weights and batches as benchmarks/bench_model.py. Prints, per model, the time per step summed
+over the profiled ops (CPU: self CPU time; CUDA: self kernel time) and the number of device ops, then the ops
+that differ most between the two, in ms per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import warnings
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from bench_model import CONFIGS, step_ember, step_hf
+from ember.model.gpt import build_model
+from ember.model.hf import export_hf
+
+
+def per_step_ops(model, fn, idx, targets, device, autocast, steps=3) -> dict[str, tuple[float, int]]:
+    """op name -> (ms per step, calls per step), self time on the device that runs the kernels."""
+    def step():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            fn(model, idx, targets)
+    for _ in range(3):
+        step()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    out = {}
+    for e in prof.key_averages():
+        us = e.self_device_time_total if device.type == "cuda" else e.self_cpu_time_total
+        if us > 0:
+            out[e.key] = (us / steps / 1e3, e.count // steps)
+    return out
+
+
+def main():
+    import transformers
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--configs", default="small", help="comma-separated: " + ",".join(CONFIGS))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast, as bench_model")
+    p.add_argument("--top", type=int, default=15, help="ops listed per config")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    for name in args.configs.split(","):
+        cfg, batch, seq = CONFIGS[name]
+        torch.manual_seed(0)
+        ember = build_model(cfg, device).train()
+        with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            export_hf(ember, d)
+            hf = transformers.AutoModelForCausalLM.from_pretrained(d, attn_implementation="sdpa").to(device).train()
+        idx = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
+        targets = torch.cat([idx[:, 1:], torch.full((batch, 1), -100, device=device)], dim=1)
+        ops = {who: per_step_ops(m, fn, idx, targets, device, args.dtype == "bf16")
+               for who, m, fn in (("ember", ember, step_ember), ("hf", hf, step_hf))}
+        print(f"\n== {name} {args.dtype} on {device}")
+        for who, o in ops.items():
+            print(f"{who:6s}: {sum(ms for ms, _ in o.values()):8.1f} ms per step in {sum(n for _, n in o.values()):5d} ops")
+        keys = sorted(set(ops["ember"]) | set(ops["hf"]),
+                      key=lambda k: -abs(ops["ember"].get(k, (0, 0))[0] - ops["hf"].get(k, (0, 0))[0]))
+        print(f"{'op (largest ember-HF differences first)':70s} {'ember ms':>9s} {'calls':>6s} {'HF ms':>9s} {'calls':>6s}")
+        for k in keys[:args.top]:
+            (em, ec), (hm, hc) = ops["ember"].get(k, (0.0, 0)), ops["hf"].get(k, (0.0, 0))
+            print(f"{k[:70]:70s} {em:9.2f} {ec:6d} {hm:9.2f} {hc:6d}")
+
+
+if __name__ == "__main__":
+    main()
