@@ -4,8 +4,8 @@
     python benchmarks/profile_model.py --device=cuda --configs=medium,gpu --dtype=bf16
 
 Same models, weights and batches as benchmarks/bench_model.py. Prints, per model, the time per step summed
-over the profiled ops (CPU: self CPU time; CUDA: self kernel time) and the number of device ops, then the ops
-that differ most between the two, in ms per step.
+over the profiled ops (CPU: self CPU time of every op; CUDA: the kernels' time) and their count, then the ops
+and kernels that differ most between the two, in ms per step.
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ from ember.model.gpt import build_model
 from ember.model.hf import export_hf
 
 
-def per_step_ops(model, fn, idx, targets, device, autocast, steps=3) -> dict[str, tuple[float, int]]:
-    """op name -> (ms per step, calls per step), self time on the device that runs the kernels."""
+def per_step_ops(model, fn, idx, targets, device, autocast, steps=3):
+    """({op or kernel name: (ms per step, calls per step)}, (total ms, kernels) per step): self CPU time of
+    the ops on a CPU; on a GPU the kernels' time, each kernel listed and also counted in the op that launched
+    it, so the total sums the kernels alone."""
     def step():
         model.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
@@ -36,12 +38,14 @@ def per_step_ops(model, fn, idx, targets, device, autocast, steps=3) -> dict[str
             step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-    out = {}
+    out, total, kernels = {}, 0.0, 0
     for e in prof.key_averages():
         us = e.self_device_time_total if device.type == "cuda" else e.self_cpu_time_total
         if us > 0:
             out[e.key] = (us / steps / 1e3, e.count // steps)
-    return out
+            if device.type != "cuda" or e.device_type.name == "CUDA":  # a kernel, not the op around it
+                total, kernels = total + us / steps / 1e3, kernels + e.count // steps
+    return out, (total, kernels)
 
 
 def main():
@@ -64,11 +68,13 @@ def main():
             hf = transformers.AutoModelForCausalLM.from_pretrained(d, attn_implementation="sdpa").to(device).train()
         idx = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
         targets = torch.cat([idx[:, 1:], torch.full((batch, 1), -100, device=device)], dim=1)
-        ops = {who: per_step_ops(m, fn, idx, targets, device, args.dtype == "bf16")
-               for who, m, fn in (("ember", ember, step_ember), ("hf", hf, step_hf))}
+        ops, totals = {}, {}
+        for who, m, fn in (("ember", ember, step_ember), ("hf", hf, step_hf)):
+            ops[who], totals[who] = per_step_ops(m, fn, idx, targets, device, args.dtype == "bf16")
         print(f"\n== {name} {args.dtype} on {device}")
-        for who, o in ops.items():
-            print(f"{who:6s}: {sum(ms for ms, _ in o.values()):8.1f} ms per step in {sum(n for _, n in o.values()):5d} ops")
+        unit = "kernels" if device.type == "cuda" else "op calls"
+        for who, (ms, n) in totals.items():
+            print(f"{who:6s}: {ms:8.1f} ms per step in {n:5d} {unit}")
         keys = sorted(set(ops["ember"]) | set(ops["hf"]),
                       key=lambda k: -abs(ops["ember"].get(k, (0, 0))[0] - ops["hf"].get(k, (0, 0))[0]))
         print(f"{'op (largest ember-HF differences first)':70s} {'ember ms':>9s} {'calls':>6s} {'HF ms':>9s} {'calls':>6s}")
