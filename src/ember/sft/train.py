@@ -62,7 +62,7 @@ class Config:
     log_every: int = 10  # steps between step lines (metrics.jsonl gets every step)
     seed: int = 0  # data order, adapter init, dropout
     device: str = "auto"  # cpu, cuda, mps; auto = the best available
-    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # autocast compute dtype; auto = bf16 on cuda, fp32 elsewhere
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # autocast compute dtype; auto = bf16 where native (CUDA, AVX512-BF16/AMX CPUs), else fp32, as pretrain
 
     def __post_init__(self):
         for name in ("max_examples", "batch_size", "grad_accum", "lora_r", "log_every"):
@@ -143,7 +143,7 @@ def pct(x: float) -> str:
 
 def main(cfg: Config) -> dict:
     from ember.common.checkpoint import load_model, save_model
-    from ember.common.dist import pick_device
+    from ember.common.dist import native_bf16, pick_device
     from ember.model.lora import apply_lora, merge_lora, save_adapter
     from ember.model.quant import dequantize_nf4_, frozen_weight_bytes, quantize_nf4_
     from ember.pretrain.optim import build_adamw, lr_factor
@@ -162,7 +162,7 @@ def main(cfg: Config) -> dict:
     out = run.dir
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
-    use_dtype = cfg.dtype if cfg.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    use_dtype = cfg.dtype if cfg.dtype != "auto" else ("bf16" if native_bf16(device) else "fp32")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_dtype == "bf16" else nullcontext()
     tok = load_tokenizer(tok_path)
     model = load_model(ckpt, device=device)
