@@ -271,21 +271,49 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 LOSS_CHUNK_BYTES = 256 * 2**20  # one chunk of rows' fp32 logits: bounds the loss's memory on a GPU
 
 
-def _chunks(n_rows: int, vocab: int):
-    rows = max(1, min(n_rows, LOSS_CHUNK_BYTES // (4 * vocab)))
-    return rows, [(s, min(s + rows, n_rows)) for s in range(0, n_rows, rows)]
+def _head_nll(x, weight, targets, dtype, grad_x=None, grad_w=None) -> torch.Tensor:
+    """-log p(target) per row of the logits x @ weight.T, (N,) fp32 (0 where target == -100), computed chunk
+    by chunk of rows so the (N, V) logits never exist whole. Given the buffers grad_x (N, D) and grad_w (V, D)
+    fp32, it also writes into them the gradients of the summed loss (softmax - one_hot, times weight for x and
+    times x for weight). x (N, D), weight (V, D), targets (N,); dtype: the matmuls' (bf16 under autocast)."""
+    N, V = x.size(0), weight.size(0)
+    rows = max(1, min(N, LOSS_CHUNK_BYTES // (4 * V)))
+    w = weight.to(dtype)
+    logits = torch.empty(rows, V, dtype=dtype, device=x.device)  # both reused by every chunk
+    logp = torch.empty(rows, V, dtype=torch.float32, device=x.device)
+    nll = torch.empty(N, dtype=torch.float32, device=x.device)
+    with torch.autocast(x.device.type, enabled=False):  # dtypes are explicit here
+        for s in range(0, N, rows):
+            e = min(s + rows, N)
+            xc, keep = x[s:e].to(dtype), targets[s:e] != -100
+            t = targets[s:e].clamp(min=0).unsqueeze(1)  # (n, 1); ignored rows point at 0 and are masked
+            lg, lp = logits[:e - s], logp[:e - s]
+            torch.log_softmax(torch.mm(xc, w.t(), out=lg), dim=-1, dtype=torch.float32, out=lp)
+            nll[s:e] = -lp.gather(1, t).squeeze(1) * keep
+            if grad_x is None and grad_w is None:
+                continue
+            g = lp.exp_()  # softmax (n, V): d loss_row / d logits = softmax - one_hot(target)
+            g.scatter_add_(1, t, -keep.unsqueeze(1).float())
+            g.mul_(keep.unsqueeze(1))  # ignored rows contribute nothing
+            g = lg.copy_(g) if dtype != torch.float32 else g
+            if grad_x is not None:
+                torch.mm(g, w, out=grad_x[s:e])
+            if grad_w is not None:  # the first chunk writes grad_w, later ones add to it (fp32 sums of dtype matmuls)
+                if dtype == torch.float32:
+                    torch.mm(g.t(), xc, out=grad_w) if s == 0 else grad_w.addmm_(g.t(), xc)
+                else:
+                    grad_w.copy_(g.t() @ xc) if s == 0 else grad_w.add_(g.t() @ xc)
+    return nll
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of x @ weight.T against targets, the (N, V) logits never whole (Liger, Cut CE).
 
-    Rows go through in chunks; each chunk's logits become its loss and at once its gradients (softmax -
-    one_hot, times weight for x and times x for weight), so forward also does backward's work and backward
-    only scales by the incoming gradient. What it saves: the N x V logits, log-probs and their gradient,
-    which eager autograd keeps or allocates every step (3 x 64 MiB at N = 2048, V = 8192, fp32), and on CPU
-    the page faults of touching that much fresh memory (30% of the head + loss time of the small
-    benchmark model under glibc's default allocator).
-    x (N, D), weight (V, D), targets (N,) with -100 = ignored; dtype: the matmuls' dtype (bf16 under autocast).
+    Each chunk's logits become its loss and at once its gradients (_head_nll), so forward also does
+    backward's work and backward only scales by the incoming gradient. What it saves: the N x V logits,
+    log-probs and their gradient, which eager autograd keeps or allocates every step (3 x 64 MiB at N = 2048,
+    V = 8192, fp32), and on CPU the page faults of touching that much fresh memory (30% of the head + loss
+    time of the small benchmark model under glibc's default allocator).
     """
 
     @staticmethod
@@ -293,31 +321,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         (N, D), V = x.shape, weight.size(0)
         need_x, need_w = ctx.needs_input_grad[:2]
         ctx.dtypes = x.dtype, weight.dtype
-        rows, chunks = _chunks(N, V)
-        w = weight.to(dtype)
-        logits = torch.empty(rows, V, dtype=dtype, device=x.device)  # both reused by every chunk
-        logp = torch.empty(rows, V, dtype=torch.float32, device=x.device)
         grad_x = torch.empty(N, D, dtype=dtype, device=x.device) if need_x else None
         grad_w = torch.empty(V, D, dtype=torch.float32, device=x.device) if need_w else None
-        total = torch.zeros((), dtype=torch.float32, device=x.device)
-        with torch.autocast(x.device.type, enabled=False):  # dtypes are explicit here
-            for s, e in chunks:
-                xc, keep = x[s:e].to(dtype), targets[s:e] != -100
-                t = targets[s:e].clamp(min=0).unsqueeze(1)  # (n, 1); ignored rows point at 0 and are masked
-                lg, lp = logits[:e - s], logp[:e - s]
-                torch.log_softmax(torch.mm(xc, w.t(), out=lg), dim=-1, dtype=torch.float32, out=lp)
-                total -= (lp.gather(1, t).squeeze(1) * keep).sum()
-                g = lp.exp_()  # softmax (n, V): d loss_row / d logits = softmax - one_hot(target)
-                g.scatter_add_(1, t, -keep.unsqueeze(1).float())
-                g.mul_(keep.unsqueeze(1))  # ignored rows contribute nothing
-                g = lg.copy_(g) if dtype != torch.float32 else g
-                if need_x:
-                    torch.mm(g, w, out=grad_x[s:e])
-                if need_w:  # the first chunk writes grad_w, later ones add to it (fp32 sums of dtype matmuls)
-                    if dtype == torch.float32:
-                        torch.mm(g.t(), xc, out=grad_w) if s == 0 else grad_w.addmm_(g.t(), xc)
-                    else:
-                        grad_w.copy_(g.t() @ xc) if s == 0 else grad_w.add_(g.t() @ xc)
+        total = _head_nll(x, weight, targets, dtype, grad_x, grad_w).sum()
         ctx.save_for_backward(grad_x, grad_w)
         return total
 
@@ -327,18 +333,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
         x_dtype, w_dtype = ctx.dtypes
         return (None if grad_x is None else (grad_x * grad).to(x_dtype),
                 None if grad_w is None else (grad_w * grad).to(w_dtype), None, None)
-
-
-@torch.no_grad()
-def _chunked_nll(x, weight, targets, dtype):
-    """-log p(target) per row, (N,) fp32 (0 where ignored), chunk by chunk like _LinearCrossEntropy, no grads."""
-    nll = torch.zeros(x.size(0), dtype=torch.float32, device=x.device)
-    w = weight.to(dtype)
-    for s, e in _chunks(x.size(0), weight.size(0))[1]:
-        keep, t = targets[s:e] != -100, targets[s:e].clamp(min=0).unsqueeze(1)
-        logp = torch.log_softmax(x[s:e].to(dtype) @ w.t(), dim=-1, dtype=torch.float32)
-        nll[s:e] = -logp.gather(1, t).squeeze(1) * keep
-    return nll
 
 
 class GPT(nn.Module):
@@ -414,7 +408,7 @@ class GPT(nn.Module):
             dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else w.dtype  # matmuls'
             x, flat = x.flatten(0, 1), targets.flatten()
             nll = _LinearCrossEntropy.apply(x, w, flat, dtype) if grad else \
-                _chunked_nll(x, w, flat, dtype).view_as(targets)  # training: the summed loss; evaluation: (B, T)
+                _head_nll(x, w, flat, dtype).view_as(targets)  # training: the summed loss; evaluation: (B, T)
         if reduction == "none":
             return nll
         loss = nll.sum() / (targets != -100).sum().clamp(min=1)
