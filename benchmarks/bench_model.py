@@ -47,8 +47,9 @@ def step_hf(model, idx, targets):
     return loss.item()
 
 
-def measure(name, cfg, batch, seq, steps, autocast, device):
-    import transformers  # the peer; only this script and the interop tests import it
+def models_and_batch(cfg, batch, seq, device):
+    """ember's GPT (seed 0), transformers' LlamaForCausalLM with the same weights, and one batch (idx, targets)."""
+    import transformers  # the peer; only the benchmarks and the interop tests import it
 
     torch.manual_seed(0)
     ember = build_model(cfg, device).train()
@@ -58,6 +59,11 @@ def measure(name, cfg, batch, seq, steps, autocast, device):
         hf = transformers.AutoModelForCausalLM.from_pretrained(d, attn_implementation="sdpa").to(device).train()
     idx = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
     targets = torch.cat([idx[:, 1:], torch.full((batch, 1), -100, device=device)], dim=1)
+    return ember, hf, idx, targets
+
+
+def measure(name, cfg, batch, seq, steps, autocast, device):
+    ember, hf, idx, targets = models_and_batch(cfg, batch, seq, device)
     cuda = torch.device(device).type == "cuda"
     peak = {"ember": 0, "hf": 0}  # bytes, GPU only
     wall = {"ember": [], "hf": []}

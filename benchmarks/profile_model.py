@@ -11,15 +11,11 @@ and kernels that differ most between the two, in ms per step.
 from __future__ import annotations
 
 import argparse
-import tempfile
-import warnings
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench_model import CONFIGS, step_ember, step_hf
-from ember.model.gpt import build_model
-from ember.model.hf import export_hf
+from bench_model import CONFIGS, models_and_batch, step_ember, step_hf
 
 
 def per_step_ops(model, fn, idx, targets, device, autocast, steps=3):
@@ -49,8 +45,6 @@ def per_step_ops(model, fn, idx, targets, device, autocast, steps=3):
 
 
 def main():
-    import transformers
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--configs", default="small", help="comma-separated: " + ",".join(CONFIGS))
     p.add_argument("--device", default="cpu")
@@ -59,15 +53,7 @@ def main():
     args = p.parse_args()
     device = torch.device(args.device)
     for name in args.configs.split(","):
-        cfg, batch, seq = CONFIGS[name]
-        torch.manual_seed(0)
-        ember = build_model(cfg, device).train()
-        with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            export_hf(ember, d)
-            hf = transformers.AutoModelForCausalLM.from_pretrained(d, attn_implementation="sdpa").to(device).train()
-        idx = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
-        targets = torch.cat([idx[:, 1:], torch.full((batch, 1), -100, device=device)], dim=1)
+        ember, hf, idx, targets = models_and_batch(*CONFIGS[name], device)
         ops, totals = {}, {}
         for who, m, fn in (("ember", ember, step_ember), ("hf", hf, step_hf)):
             ops[who], totals[who] = per_step_ops(m, fn, idx, targets, device, args.dtype == "bf16")
