@@ -23,11 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from machine import cpu_name
 
 GPT2_DIR = Path(__file__).resolve().parents[1] / "../shared/datasets/gpt2_tokenizer"
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""  # tiktoken r50k_base
@@ -55,14 +55,6 @@ def tiktoken_gpt2(folder: Path):
     ranks = {bytes(decoder[c] for c in tok): i for tok, i in vocab.items() if tok != "<|endoftext|>"}
     return tiktoken.Encoding("gpt2-local", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": vocab["<|endoftext|>"]})
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def main() -> None:
@@ -133,7 +125,7 @@ def main() -> None:
         results = [(name, min(timings[name]), tokens[name]) for name, _, _ in methods]
 
     base = results[0][1][0]
-    print(f"\n{len(texts)} stdlib documents, {mb:.2f} MB | {cpu_model()}, {os.cpu_count()} cores | "
+    print(f"\n{len(texts)} stdlib documents, {mb:.2f} MB | {cpu_name()}, {os.cpu_count()} cores | "
           f"best of {args.repeat} | load avg {os.getloadavg()[0]:.1f}")
     print(f"| {'method':<44} | {'MB/s':>6} | {'wall s':>6} | {'CPU s':>6} | {'MB/CPU-s':>8} | {'bytes/token':>11} "
           f"| {'speed vs ember':>14} |")
