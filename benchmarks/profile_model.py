@@ -5,7 +5,9 @@
 
 Same models, weights and batches as benchmarks/bench_model.py. Prints, per model, the time per step summed
 over the profiled ops (CPU: self CPU time of every op; CUDA: the kernels' time) and their count, then the ops
-and kernels that differ most between the two, in ms per step.
+and kernels that differ most between the two, in ms per step. On a CPU it also prints the ceiling: how much
+faster than HF's step any implementation of the same model could be if everything but its matmuls and
+attention took no time (HF's step / the time of those kernels, which both models share).
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench_model import CONFIGS, models_and_batch, step_ember, step_hf
+
+# The work any implementation of the model must do, as CPU ops: the matmuls and flash attention (forward, backward)
+SHARED_CPU_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+                  "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
 
 
 def per_step_ops(model, fn, idx, targets, device, autocast, steps=3):
@@ -61,6 +67,10 @@ def main():
         unit = "kernels" if device.type == "cuda" else "op calls"
         for who, (ms, n) in totals.items():
             print(f"{who:6s}: {ms:8.1f} ms per step in {n:5d} {unit}")
+        if device.type == "cpu":
+            shared = {who: sum(ops[who].get(k, (0.0, 0))[0] for k in SHARED_CPU_OPS) for who in ops}
+            print(f"matmuls + attention: ember {shared['ember']:.1f} ms, HF {shared['hf']:.1f} ms per step; ceiling "
+                  f"ember / HF <= {totals['hf'][0] / min(shared.values()):.2f}x (were all other ops free)")
         keys = sorted(set(ops["ember"]) | set(ops["hf"]),
                       key=lambda k: -abs(ops["ember"].get(k, (0, 0))[0] - ops["hf"].get(k, (0, 0))[0]))
         print(f"{'op (largest ember-HF differences first)':70s} {'ember ms':>9s} {'calls':>6s} {'HF ms':>9s} {'calls':>6s}")
