@@ -81,3 +81,30 @@ def test_card_without_eval_or_model(tmp_path):
     m = card.main(card.Config(run=str(tmp_path), checkpoint=str(ASSETS)))  # a folder that is no checkpoint
     md = (tmp_path / "card" / "MODEL_CARD.md").read_text()
     assert not m["evaluated"] and "Not evaluated" in md and "not readable" in md
+
+
+def test_stage_names_are_real_stages():
+    from ember.cli import STAGES
+
+    assert set(card.TRAIN_STAGES) <= set(STAGES) and set(card.ALIGN_STAGES) <= set(STAGES)
+
+
+def test_constitution_data_in_lineage_counts_as_alignment(tmp_path):
+    """sft trained on constitution's revised answers: the card finds constitution in the lineage and does not
+    warn that the model is unaligned; the sft model it started from still gets the warning."""
+    run = str(tmp_path)
+    r = artifacts.begin("sft", StageCfg(run))
+    (r.dir / "final").mkdir()
+    r.finish({"loss": 2.0})
+    r = artifacts.begin("constitution", StageCfg(run), inputs={"model": tmp_path / "sft" / "final"})
+    (r.dir / "sft.jsonl").write_text('{"messages": []}\n')
+    r.finish({"revised": 1})
+    r = artifacts.begin("sft", StageCfg(run), inputs={"data": tmp_path / "constitution" / "sft.jsonl"},
+                        out_dir=tmp_path / "sft_cai")
+    (r.dir / "final").mkdir()
+    r.finish({"loss": 1.5})
+    for ckpt, warned in ((tmp_path / "sft_cai" / "final", False), (tmp_path / "sft" / "final", True)):
+        card.main(card.Config(run=run, checkpoint=str(ckpt)))
+        names = [s["stage"] for s in json.loads((tmp_path / "card" / "card.json").read_text())["stages"]]
+        md = (tmp_path / "card" / "MODEL_CARD.md").read_text()
+        assert ("constitution" in names) is not warned and ("No preference alignment" in md) is warned, names

@@ -19,8 +19,10 @@ from pathlib import Path
 from ember.common import artifacts
 from ember.common.log import human, print0
 
-TRAIN_STAGES = ("pretrain", "sft", "dpo", "ppo", "grpo", "reward", "constitutional", "distill", "prune", "quantize")
-ALIGN_STAGES = ("dpo", "ppo", "grpo", "constitutional")
+TRAIN_STAGES = ("pretrain", "sft", "dpo", "ppo", "grpo", "reward")  # stage names (cli.STAGES) that train weights
+# A model is aligned when one of these is in its lineage: a preference/RL stage trained it, or it was
+# fine-tuned on constitution's self-revised data (sft --data=<run>/constitution/sft.jsonl).
+ALIGN_STAGES = ("dpo", "ppo", "grpo", "constitution")
 
 
 @dataclass
