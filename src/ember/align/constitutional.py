@@ -159,7 +159,7 @@ def main(cfg: Config) -> dict:
     if not prompts:
         raise UserError(f"no prompts: {principles_path} has no \"prompts\" list; pass --prompts=FILE")
     model = load_lm(paths["model"], device).eval()
-    sample = Sampler(model, tok, cfg, torch.Generator(device=device).manual_seed(cfg.seed))
+    sample = Sampler(model, tok, cfg, torch.Generator().manual_seed(cfg.seed))
     principles = constitution["principles"]
     print0(f"[constitution] {len(prompts)} prompts, {len(principles)} principles, {cfg.revisions} revision round(s)")
 

@@ -122,7 +122,7 @@ def main(cfg: Config) -> dict:
     if run.cached:
         return run.metrics
     device = pick_device(cfg.device)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
     tok = load_tokenizer(paths["tokenizer"])
     stop = stop_id(tok, cfg.template)
 

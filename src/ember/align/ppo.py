@@ -157,7 +157,7 @@ def main(cfg: Config) -> dict:
     opt = build_adamw(pr.model, cfg.lr, 0.0, (0.9, 0.95), device)
     value_opt = build_adamw(value_model, cfg.value_lr, 0.0, (0.9, 0.95), device)
     metrics_log = Metrics(run.dir)
-    val_gen = lambda: torch.Generator(device=device).manual_seed(cfg.seed + 1)  # same held-out samples each time
+    val_gen = lambda: torch.Generator().manual_seed(cfg.seed + 1)  # same held-out samples each time
 
     def evaluate() -> dict:
         _, r = rollout(pr, reward_model, tok, val, cfg, device, val_gen())
@@ -168,7 +168,7 @@ def main(cfg: Config) -> dict:
     metrics_log.log(0, **{f"val_{k}": v for k, v in before.items()})
 
     rng = random.Random(cfg.seed)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
     score_mean, score_std = 0.0, 1.0
     if cfg.normalize_reward:  # gain and bias from samples of the initial policy on training prompts
         _, r = rollout(pr, reward_model, tok, rng.sample(train, min(len(train), max(64, cfg.rollouts_per_step))),
