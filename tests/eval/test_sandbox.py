@@ -49,6 +49,25 @@ def test_exit_before_the_end_is_not_a_pass():
     assert run_code("raise SystemExit(0)").status == "failed"
 
 
+def test_the_end_marker_cannot_be_printed_by_the_program():
+    """Printing the harness's end-of-program marker and exiting 0 before the tests must not pass: the nonce is
+    neither a global of the bootstrap nor on the command line (/proc/self/cmdline)."""
+    from_globals = ("import __main__, sys, os\nsys.stderr.write('\\x00done:%s\\n' % getattr(__main__, 'nonce', ''))\n"
+                    "sys.stderr.flush()\nos._exit(0)\nassert False")
+    from_cmdline = ("import json, os, sys\nargs = open('/proc/self/cmdline', 'rb').read().split(b'\\0')\n"
+                    "nonce = next((json.loads(a).get('nonce', '') for a in args if a.startswith(b'{')), '')\n"
+                    "sys.stderr.write('\\x00done:' + nonce + '\\n')\nsys.stderr.flush()\nos._exit(0)\nassert False")
+    for code in (from_globals, from_cmdline):
+        r = run_code(code)
+        assert r.status == "failed" and r.returncode == 0, (r.status, r.stderr)
+
+
+def test_a_pass_with_more_stderr_than_is_kept():
+    r = run_code(f"import sys\nsys.stderr.write('w' * {sandbox.MAX_OUTPUT + 5000})\nassert 1 == 1")
+    assert r.passed, (r.status, r.returncode)
+    assert set(r.stderr) == {"w"} and len(r.stderr) < sandbox.MAX_OUTPUT  # what is kept is cut, the verdict is not
+
+
 def test_isolation_layers_present_as_root():
     if os.geteuid() != 0:
         pytest.skip("uid drop and network namespace are root-only layers")

