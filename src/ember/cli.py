@@ -77,6 +77,9 @@ def run(module_name: str, argv: list[str], prog: str) -> int:
     token = artifacts.FORCE.set(parsed.force)
     try:
         module.main(parsed.cfg)
+    except BaseException as e:  # the stage's meta.json says failed, and why; the error still reaches the caller
+        artifacts.fail_open_runs(f"{type(e).__name__}: {e}")
+        raise
     finally:
         artifacts.FORCE.reset(token)
     return 0

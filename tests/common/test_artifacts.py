@@ -147,3 +147,41 @@ def test_lineage_follows_stage_inputs(tmp_path):
     chain = artifacts.lineage(second.dir)
     assert [m["dir"] for m in chain] == [str(first.dir.resolve()), str(second.dir.resolve())]
     assert chain[0]["inputs"]["numbers"]["path"] == str(src)
+
+
+def test_a_folder_ember_did_not_write_is_not_deleted(tmp_path):
+    """<run>/<stage> holding the user's own files (no meta.json of that stage): refused, the files kept."""
+    src = tmp_path / "in.txt"
+    src.write_text("1")
+    notes = tmp_path / "run" / "double" / "notes.txt"
+    notes.parent.mkdir(parents=True)
+    notes.write_text("mine")
+    with pytest.raises(UserError, match=r"is not a run of `ember double`.*choose another --run"):
+        double(Cfg(run=str(tmp_path / "run")), src)
+    assert notes.read_text() == "mine"
+    (tmp_path / "empty" / "double").mkdir(parents=True)  # an empty folder loses nothing: used
+    assert double(Cfg(run=str(tmp_path / "empty")), src)[1] == 1
+
+
+def test_an_input_inside_the_output_folder_is_not_deleted(tmp_path):
+    src = tmp_path / "in.txt"
+    src.write_text("1 2")
+    run, _ = double(Cfg(run=str(tmp_path / "run")), src)
+    kept = run.dir / "numbers.txt"  # the user points the next run at a file inside the stage's own folder
+    kept.write_text("3 4")
+    with pytest.raises(UserError, match=r"input 'numbers' .* lies inside this stage's output folder"):
+        double(Cfg(run=str(tmp_path / "run"), scale=3), kept)
+    assert kept.read_text() == "3 4"
+
+
+def test_a_stage_that_raises_is_marked_failed(tmp_path, monkeypatch, capsys):
+    """Through the CLI: the stage's meta.json ends `failed` with the error, not a stale `running`."""
+    from ember import cli
+
+    empty = tmp_path / "docs"
+    empty.mkdir()
+    (empty / "data.bin").write_bytes(b"\0")  # no supported documents: corpus fails after opening its folder
+    rc = cli.main(["corpus", f"--run={tmp_path / 'run'}", f"--sources={empty}"])
+    meta = json.loads((tmp_path / "run" / "corpus" / "meta.json").read_text())
+    assert rc == 2 and meta["status"] == "failed" and "UserError" in meta["error"] and meta["ended"]
+    assert not artifacts._OPEN

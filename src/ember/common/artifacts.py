@@ -133,7 +133,7 @@ def _now() -> str:
 
 # ---------------------------------------------------------------------------- stage runs
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # compared by identity (the open-runs list)
 class StageRun:
     stage: str
     dir: Path
@@ -146,6 +146,8 @@ class StageRun:
 
     def finish(self, metrics: dict | None = None) -> dict:
         """Mark the stage finished: config.json, then meta.json (status finished) written last."""
+        if self in _OPEN:
+            _OPEN.remove(self)
         self.meta.update(status="finished", ended=_now(), metrics=metrics or {})
         self.meta["seconds"] = round((dt.datetime.fromisoformat(self.meta["ended"])
                                       - dt.datetime.fromisoformat(self.meta["started"])).total_seconds(), 3)
@@ -154,8 +156,20 @@ class StageRun:
         return self.metrics
 
     def fail(self, error: str) -> None:
+        if self in _OPEN:
+            _OPEN.remove(self)
         self.meta.update(status="failed", ended=_now(), error=error)
         write_json(self.dir / "meta.json", self.meta)
+
+
+_OPEN: list[StageRun] = []  # begun and not yet finished, in this process
+
+
+def fail_open_runs(error: str) -> None:
+    """Mark every stage run this process began and did not finish as failed (the CLI calls this when a stage
+    raises), so meta.json says `failed` with the error instead of a stale `running`."""
+    for run in list(_OPEN):
+        run.fail(error)
 
 
 def stage_dir(cfg, stage: str) -> Path:
@@ -197,6 +211,7 @@ def begin(stage: str, cfg, inputs: dict[str, str | Path] | None = None, out_dir:
         print0(f"[{stage}] cached: the finished run in {folder} matches this config and inputs (--force reruns)")
         return StageRun(stage, folder, old, cached=True)
     if folder.exists() and (FORCE.get() or not same):
+        _check_clearable(stage, folder, old, inputs_meta)
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -213,7 +228,23 @@ def begin(stage: str, cfg, inputs: dict[str, str | Path] | None = None, out_dir:
         "resumed_from": old.get("started") if same and old else None,
     }
     write_json(folder / "meta.json", meta)
-    return StageRun(stage, folder, meta)
+    run = StageRun(stage, folder, meta)
+    _OPEN.append(run)
+    return run
+
+
+def _check_clearable(stage: str, folder: Path, old: dict | None, inputs_meta: dict) -> None:
+    """A stale output folder is deleted whole: refuse when that would delete what ember did not write there
+    (a folder without this stage's meta.json) or one of this run's own inputs."""
+    if any(folder.iterdir()) and (old or {}).get("stage") != stage:
+        raise UserError(f"{stage}: the output folder {folder} exists and is not a run of `ember {stage}` (no meta.json "
+                        f"of that stage), so rerunning would delete it. Move it, or choose another --run folder.")
+    out = folder.resolve()
+    for name, m in inputs_meta.items():
+        p = Path(m["path"]).resolve()
+        if p == out or out in p.parents:
+            raise UserError(f"{stage}: input '{name}' ({m['path']}) lies inside this stage's output folder {folder}, "
+                            f"which a rerun clears. Move the input out of {folder} and point the config at it.")
 
 
 def _input_hashes(meta: dict) -> dict:
