@@ -156,3 +156,14 @@ def test_user_error_has_no_stack_trace():
     out = subprocess.run([sys.executable, "-m", "ember", "pipeline", "--run"], capture_output=True, text=True)
     assert out.returncode == 2
     assert "Traceback" not in out.stderr and "'--run' needs a value" in out.stderr
+
+
+def test_overrides_are_checked_together_not_one_by_one():
+    """seq_len must be <= model.max_seq_len: raising both works in either order (only the result is checked)."""
+    from ember.pretrain.train import PRESETS, Config
+
+    for argv in (["--seq_len=128", "--model.max_seq_len=128"], ["--model.max_seq_len=128", "--seq_len=128"]):
+        cfg = C.parse(Config, ["--preset=smoke", *argv], PRESETS).cfg
+        assert (cfg.seq_len, cfg.model.max_seq_len) == (128, 128)
+    with pytest.raises(UserError, match=r"'seq_len' = 128 .* at most model.max_seq_len"):
+        C.parse(Config, ["--preset=smoke", "--seq_len=128"], PRESETS)

@@ -216,8 +216,8 @@ def revalidate(cfg):
 
 
 def override(cfg, key: str, text: str):
-    """Set dotted `key` on cfg from CLI text (in place on a copy); returns the new config."""
-    cfg = copy_config(cfg)
+    """Set dotted `key` on cfg from CLI text, in place and unchecked: the fields may only be consistent once
+    every override is in (e.g. --steps=...,toxicity then --toxic_words=...), so parse() validates the result."""
     target, parts = cfg, key.split(".")
     for i, part in enumerate(parts):
         hints = _hints(type(target))
@@ -233,10 +233,6 @@ def override(cfg, key: str, text: str):
         else:
             setattr(target, part, parse_value(text, tp, key))
     return cfg
-
-
-def copy_config(cfg):
-    return from_dict(type(cfg), to_dict(cfg))
 
 
 def load_json(cls, path: str):
@@ -310,8 +306,8 @@ def parse(cls, argv: list[str], presets: Presets | None = None) -> Parsed:
         cfg = presets[base[1]]()
     else:
         cfg = load_json(cls, base[1])
-    for key, value in overrides:
-        cfg = override(cfg, key, value)
+    for key, value in overrides:  # the base is a fresh object (cls(), a preset function, a file): set in place
+        override(cfg, key, value)
     out.cfg = revalidate(cfg)
     return out
 
