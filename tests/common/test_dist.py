@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ember.common import dist
+from ember.common.errors import UserError
 from ember.model.gpt import GPTConfig, build_model
 from ember.pretrain.optim import build_adamw
 
@@ -90,3 +91,14 @@ def test_one_process_helpers():
     assert torch.equal(dist.all_reduce_mean(x), x)
     assert dist.broadcast_object({"a": 1}) == {"a": 1}
     assert dist.peak_flops("cpu") > 1e8  # a measured matmul rate; any CPU does > 0.1 GFLOP/s
+
+
+def test_a_bad_or_absent_device_is_a_user_error():
+    from ember.common.dist import pick_device
+
+    with pytest.raises(UserError, match=r"device 'gpu' is not a device: use auto, cpu, cuda"):
+        pick_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match=r"device 'cuda': this machine has none of that kind"):
+            pick_device("cuda")
+    assert pick_device("cpu") == torch.device("cpu")

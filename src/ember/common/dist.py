@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ember.common.errors import UserError
 from ember.common.log import print0  # noqa: F401  (re-exported: `from ember.common.dist import print0`)
 
 
@@ -43,9 +44,18 @@ def pick_device(name: str = "auto") -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         name = "mps" if torch.backends.mps.is_available() else "cpu"
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device '{name}' is not a device: use auto, cpu, cuda, cuda:N or mps") from None
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    available = {"cpu": 1, "cuda": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+                 "mps": int(torch.backends.mps.is_available())}.get(dev.type)
+    if available is not None and (dev.index or 0) >= available:
+        have = "none" if not available else (f"{available} (cuda:0..cuda:{available - 1})" if dev.type == "cuda" else "1")
+        raise UserError(f"device '{name}': this machine has {have} of that kind (torch {torch.__version__}); "
+                        f"use --device=auto or cpu")
     return dev
 
 
