@@ -155,6 +155,17 @@ def test_config_errors(tmp_path, tokens, change, message):
         tiny_config(tmp_path, tokens, **change)
 
 
+def test_a_missing_val_split_stops_before_training(tmp_path):
+    """`tokenize --val_fraction=0` leaves no val tokens: pretrain says so up front, not after its last step
+    (when the final evaluation would fail before the model is saved); the previous run's folder stays."""
+    good = write_tokens(tmp_path / "tokens", {"train": counting_docs(4_000, 0), "val": counting_docs(400, 1)})
+    done = train.main(tiny_config(tmp_path / "run", good, steps=2))
+    no_val = write_tokens(tmp_path / "no_val", {"train": counting_docs(4_000, 0), "val": np.zeros(0, np.uint16)})
+    with pytest.raises(UserError, match=r"'val' split .* checks it before training: tokenize with --val_fraction > 0"):
+        train.main(tiny_config(tmp_path / "run", no_val, steps=2))
+    assert done and (tmp_path / "run" / "pretrain" / "final").is_dir()
+
+
 def test_batch_tokens_must_fill_whole_micro_batches(tmp_path, tokens):
     with pytest.raises(UserError, match="batch_tokens.*not a multiple"):
         train.main(tiny_config(tmp_path, tokens, batch_tokens=200))

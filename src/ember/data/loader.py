@@ -51,7 +51,8 @@ class TokenShards:
             if not path.is_file() or path.stat().st_size != s["tokens"] * self.dtype.itemsize:
                 raise UserError(f"{path}: missing or truncated (meta.json says {s['tokens']} {self.dtype.name} "
                                 f"tokens). Rerun `ember tokenize --force`.")
-            self.maps.append(np.memmap(path, dtype=self.dtype, mode="r"))
+            # an empty shard holds no window (and numpy cannot map an empty file)
+            self.maps.append(np.memmap(path, dtype=self.dtype, mode="r") if s["tokens"] else np.zeros(0, self.dtype))
             counts.append(max(0, (s["tokens"] - 1) // seq_len))
         self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # first window id of each shard
         self.n_windows = int(self.starts[-1])

@@ -28,7 +28,7 @@ from ember.common import artifacts, dist, train_state
 from ember.common.config import require
 from ember.common.errors import UserError
 from ember.common.log import Metrics, print0, step_line
-from ember.data.loader import open_loader, val_batches
+from ember.data.loader import TokenShards, open_loader, val_batches
 from ember.model.gpt import GPTConfig
 from ember.pretrain.optim import SpikeGuard, build_adamw, lr_factor
 
@@ -185,6 +185,13 @@ def main(cfg: Config) -> dict:
         inputs["tokenizer"] = tok_path
     if cfg.init_from:
         inputs["init_from"] = Path(cfg.init_from)
+    for p, _ in sources:  # evaluation reads the val split, at the latest after the last step: check it now
+        if p.exists():  # (a missing folder: artifacts.begin says which stage makes it)
+            try:
+                TokenShards(p, "val", cfg.seq_len)
+            except UserError as e:
+                raise UserError(f"{e}. Pretraining evaluates on the 'val' split (every eval_every steps and after "
+                                f"the last), so it checks it before training: tokenize with --val_fraction > 0") from None
     run, cached = begin(cfg, inputs)
     if cached is not None:
         return cached
