@@ -66,6 +66,12 @@ def test_bad_records_name_the_line(tmp_path):
     f.write_text(json.dumps({"messages": [{"role": "user", "content": "only a question"}]}) + "\n")
     with pytest.raises(UserError, match="no assistant message"):
         D.load_conversations(f)
+    for rec, msg in (({"instruction": None, "output": "x"}, "Alpaca field 'instruction' must be a string"),
+                     ({"instruction": "hi", "input": 5, "output": "x"}, "Alpaca field 'input' must be a string"),
+                     ({"conversations": None}, "'conversations' must be a list")):
+        f.write_text(json.dumps({"messages": MULTI}) + "\n" + json.dumps(rec) + "\n")
+        with pytest.raises(UserError, match=rf"chat.jsonl:2: {msg}"):
+            D.load_conversations(f)
     f.write_text(json.dumps({"text": "plain"}) + "\n")
     with pytest.raises(UserError, match="unknown record format"):
         D.load_conversations(f)

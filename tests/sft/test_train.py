@@ -86,6 +86,8 @@ def test_user_errors(run_folder, tmp_path):
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
     with pytest.raises(UserError, match="bad.jsonl:1: conversation has no assistant"):
         train.main(config(run_folder, data=str(bad)))
+    with pytest.raises(UserError, match="all .* training conversations were dropped: at seq_len = 4"):
+        train.main(config(run_folder, seq_len=4))  # no reply fits: an error, not an endless empty epoch
 
 
 def test_cli_help_lists_sft_and_chat(capsys):

@@ -59,9 +59,15 @@ def to_messages(rec, where: str) -> list[dict]:
     if "messages" in rec:
         msgs = rec["messages"]
     elif "conversations" in rec:  # ShareGPT
+        if not isinstance(rec["conversations"], list):
+            raise UserError(f"{where}: 'conversations' must be a list of {{\"from\", \"value\"}} turns, got "
+                            f"{str(rec['conversations'])[:60]!r}")
         msgs = [{"role": SHAREGPT_ROLES.get(str(m.get("from", "")).lower(), m.get("from")), "content": m.get("value")}
                 for m in rec["conversations"] if isinstance(m, dict)]
     elif "instruction" in rec and "output" in rec:  # Alpaca
+        for k in ("instruction", "input"):
+            if not isinstance(rec.get(k, ""), (str, type(None))) or (k == "instruction" and rec[k] is None):
+                raise UserError(f"{where}: Alpaca field '{k}' must be a string, got {rec[k]!r:.60}")
         msgs = [{"role": "user", "content": _alpaca_user(rec["instruction"], rec.get("input"))},
                 {"role": "assistant", "content": rec["output"]}]
     elif "prompt" in rec and isinstance(rec["prompt"], dict) and "replies" in rec["prompt"]:  # OASST tree

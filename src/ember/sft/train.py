@@ -195,6 +195,10 @@ def main(cfg: Config) -> dict:
     truncated = sum(len(D.render_chat(tok, c)[0]) - 1 > seq_len for c in train_convs)
     train_rows = D.make_rows(train_ex, seq_len, cfg.packing)
     val_rows = D.make_rows(val_ex, seq_len, cfg.packing)
+    if not train_rows:
+        raise UserError(f"all {len(train_convs)} training conversations were dropped: at seq_len = {seq_len} no "
+                        f"reply is left after truncation; raise --seq_len (the model allows {mcfg.max_seq_len}) "
+                        f"or shorten the prompts")
     data_stats = D.stats(train_rows, seq_len, cfg.packing)
     steps_per_epoch = math.ceil(len(train_rows) / (cfg.batch_size * cfg.grad_accum))
     total_steps = cfg.steps or max(1, round(cfg.epochs * steps_per_epoch))
