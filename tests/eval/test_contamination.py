@@ -15,6 +15,13 @@ def test_overlap_finds_items_sharing_an_ngram():
     assert C.overlap(sets, ["the quick brown fox jumps over"], n=8)["t"]["dirty"] == 0  # only 6 shared words
 
 
+def test_every_dirty_id_is_returned():
+    """The harness drops all of them from the clean-only score (it lists at most MAX_DIRTY_IDS in results.json)."""
+    sets = {"t": [(str(i), f"item {i} asks about the value of the variable named x{i} in this program") for i in range(1500)]}
+    out = C.overlap(sets, [text for _, text in sets["t"]], n=8)["t"]
+    assert out["dirty"] == 1500 and len(out["dirty_ids"]) == 1500
+
+
 def test_short_items_match_whole_and_tiny_items_are_unchecked():
     sets = {"t": [("a", "one two three four five six seven eight nine"), ("b", "yes or no")]}
     out = C.overlap(sets, ["zero one two three four five six seven eight nine ten", "yes or no"], n=13)["t"]

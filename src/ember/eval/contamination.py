@@ -109,5 +109,5 @@ def overlap(eval_sets: dict[str, list[tuple[str, str]]], texts: Iterable[str], n
         ids = sorted({i for t, i in dirty if t == task})
         unchecked = sum(len(words(t)) < min(n, MIN_WORDS) for _, t in items)
         out[task] = {"items": len(items), "dirty": len(ids), "dirty_frac": len(ids) / max(len(items), 1),
-                     "unchecked": unchecked, "dirty_ids": ids[:1000], "n": n}
+                     "unchecked": unchecked, "dirty_ids": ids, "n": n}
     return out

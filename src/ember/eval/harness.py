@@ -34,6 +34,7 @@ from ember.eval.tasks import Options, get
 from ember.eval.tasks.common import subset
 
 ALL_TASKS = ["ppl", "hellaswag", "arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval", "alpaca_eval"]
+MAX_DIRTY_IDS = 1000  # contaminated item ids written to results.json per task (all are excluded from clean_metrics)
 
 
 @dataclass
@@ -161,6 +162,7 @@ def add_contamination(results: dict, items_by_task: dict, metas: list[dict], n: 
         if dirty:
             mask = np.array([it["id"] not in dirty for it in items_by_task[task]])
             c["clean_metrics"] = scored.stat({k: v[mask] for k, v in scored.cols.items()}) if mask.any() else {}
+        c["dirty_ids"] = c["dirty_ids"][:MAX_DIRTY_IDS]  # results.json lists at most this many; "dirty" counts all
         rec["contamination"] = c
     return {"sources": [str(p) for p in sources], "seconds": round(time.perf_counter() - t0, 3), "n": n}
 
