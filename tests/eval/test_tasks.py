@@ -122,6 +122,13 @@ def test_gsm8k_extraction():
     assert gsm8k.normalize("3.50") == "3.5"
 
 
+def test_gsm8k_answer_without_final_number_is_refused(tmp_path):
+    f = tmp_path / "g.jsonl"
+    f.write_text('{"question": "2+2?", "answer": "2+2 = 4\\n#### 4"}\n{"question": "3+3?", "answer": "It is 6"}\n')
+    with pytest.raises(UserError, match=r"g.jsonl:2: the answer has no final '#### <number>' line"):
+        gsm8k.load(f)
+
+
 def test_gsm8k_generation_exact_match_with_scripted_model():
     items = gsm8k.load(ASSETS / "gsm8k_tiny.jsonl")
     right = gsm8k.prompt(items[0], []) + " 3 + 4 = 7\n#### 7\n\nQuestion: next"

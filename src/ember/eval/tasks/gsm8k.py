@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ember.common.errors import UserError
 from ember.eval.scoring import EvalLM, generate
 from ember.eval.tasks.common import Options, Scored, Task, draw_fewshot, need, read_jsonl
 
@@ -48,8 +49,11 @@ def load(path: Path) -> list[dict]:
     items = []
     for i, row in enumerate(read_jsonl(path)):
         need(row, ("question", "answer"), f"{path}:{i + 1}")
-        items.append({"id": str(i), "question": row["question"], "answer": row["answer"],
-                      "target": extract_strict(row["answer"])})
+        target = extract_strict(str(row["answer"]))
+        if target is None:  # else every reply without a number would "match" the missing target
+            raise UserError(f"{path}:{i + 1}: the answer has no final '#### <number>' line (GSM8K's format): "
+                            f"{str(row['answer'])[-60:]!r}; end each answer with '#### 42'")
+        items.append({"id": str(i), "question": row["question"], "answer": row["answer"], "target": target})
     return items
 
 
