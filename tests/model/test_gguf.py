@@ -160,3 +160,24 @@ def test_smollm2_q4_gguf_answers():
     r = Engine(s.model, s.tokenizer, n_slots=1, max_len=256, stop_ids=s.stop_ids).generate(
         [ids], SamplingParams(max_tokens=20, temperature=0))[0]
     assert r.text == "The capital of France is Paris."
+
+
+def test_plain_hf_tokenizer_without_bos_or_eos(tmp_path):
+    """A served HF tokenizer with neither <s> nor </s> (SmolLM2-style ChatML ids): the file names its end token
+    <|im_end|> and has no BOS; a tokenizer whose <s> is id 0 keeps BOS 0 (0 is an id, not 'missing')."""
+    from tokenizers import Tokenizer, models
+
+    from ember.serve.models import _load_any_tokenizer
+
+    def tokenizer_file(specials: list[str]) -> Path:
+        hf = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + ["a", "b"])}, unk_token=specials[0]))
+        hf.add_special_tokens(specials)
+        path = tmp_path / f"{specials[0].strip('<|>')}.json"
+        hf.save(str(path))
+        return path
+
+    chatml = _load_any_tokenizer(tokenizer_file(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]))
+    assert (chatml.bos_id, chatml.eos_id, chatml.stop_ids) == (None, None, (2, 0))
+    meta, _ = read_gguf(export_gguf(random_model(chatml.vocab_size), tmp_path / "c.gguf", chatml))
+    assert meta["tokenizer.ggml.eos_token_id"] == 2 and "tokenizer.ggml.bos_token_id" not in meta
+    assert _load_any_tokenizer(tokenizer_file(["<s>", "</s>"])).bos_id == 0

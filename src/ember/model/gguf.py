@@ -61,7 +61,8 @@ def to_gguf_tensors(model: GPT) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------------------- export
 
 def export_gguf(model: GPT, path: str | Path, tokenizer=None, *, dtype: str = "f32", name: str = "ember") -> Path:
-    """Write `model` (+ tokenizer: ember's Tokenizer or a Llama2cTokenizer) as one GGUF file, atomically.
+    """Write `model` (+ tokenizer: ember's Tokenizer, a plain HF one, or a Llama2cTokenizer) as one GGUF file,
+    atomically.
     dtype: "f32" or "f16" for the matrices (norm gains stay f32, as llama.cpp keeps them)."""
     gguf = _gguf()
     c = model.config
@@ -139,8 +140,11 @@ def _write_tokenizer(w, gguf, tok, vocab_size: int) -> None:
     w.add_token_types([int(t) for t in types])
     if scores is not None:
         w.add_token_scores(scores)
-    w.add_bos_token_id(tok.bos_id)
-    w.add_eos_token_id(tok.eos_id)
+    if tok.bos_id is not None:  # a plain HF tokenizer may have no BOS, and name its end token otherwise
+        w.add_bos_token_id(tok.bos_id)
+    eos = tok.eos_id if tok.eos_id is not None else next(iter(getattr(tok, "stop_ids", ())), None)
+    if eos is not None:
+        w.add_eos_token_id(eos)
 
 
 # ---------------------------------------------------------------------------- import

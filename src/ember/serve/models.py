@@ -30,7 +30,8 @@ class HFTextTokenizer:
         self.hf, self.vocab_size = hf, hf.get_vocab_size(with_added_tokens=True)
         self.bos_id, self.eos_id = bos_id, eos_id
         names = ("<|im_end|>", "<|endoftext|>", "<|end|>", "<|eot_id|>", "</s>")
-        self.stop_ids = tuple({i for i in [eos_id] + [hf.token_to_id(n) for n in names] if i is not None})
+        # in order of preference (eos, then the names'), each once: the first is the end token GGUF export names
+        self.stop_ids = tuple(dict.fromkeys(i for i in [eos_id] + [hf.token_to_id(n) for n in names] if i is not None))
 
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False).ids
@@ -170,7 +171,8 @@ def _load_any_tokenizer(path: Path):
     from tokenizers import Tokenizer
 
     hf = Tokenizer.from_file(str(path))
-    return HFTextTokenizer(hf, hf.token_to_id("<s>") or hf.token_to_id("<|bos|>"), hf.token_to_id("</s>"))
+    bos = next((i for i in map(hf.token_to_id, ("<s>", "<|bos|>")) if i is not None), None)  # id 0 is an id
+    return HFTextTokenizer(hf, bos, hf.token_to_id("</s>"))
 
 
 def _default_name(path: Path) -> str:
