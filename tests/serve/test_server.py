@@ -85,6 +85,7 @@ BAD_REQUESTS = [
     ("/v1/completions", b'{"prompt": "hi", "temperature": NaN}'),
     ("/v1/completions", json.dumps({"prompt": "hi", "n": 1000}).encode()),
     ("/v1/completions", json.dumps({"prompt": "hi", "logprobs": 5}).encode()),
+    ("/v1/completions", json.dumps({"prompt": "hi", "logprobs": 0}).encode()),  # 0 = the sampled token's: unsupported
     ("/v1/completions", json.dumps({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}).encode()),
     ("/v1/completions", json.dumps({"prompt": []}).encode()),
     ("/v1/completions", json.dumps({"prompt": [10 ** 7]}).encode()),

@@ -41,7 +41,7 @@ WEB_DIR = Path(__file__).parent / "web"
 UNSUPPORTED = {"logprobs", "top_logprobs", "logit_bias", "tools", "tool_choice", "functions", "function_call",
                "response_format", "suffix", "echo", "best_of", "parallel_tool_calls", "audio", "modalities",
                "prediction", "web_search_options", "reasoning_effort"}
-UNSUPPORTED_DEFAULTS = {"best_of": 1, "response_format": {"type": "text"}, "tool_choice": "none"}
+UNSUPPORTED_DEFAULTS = {"best_of": 1, "response_format": {"type": "text"}, "tool_choice": "none", "top_logprobs": 0}
 IGNORED = {"user", "store", "metadata", "service_tier"}  # bookkeeping fields with no effect on the answer
 
 
@@ -88,7 +88,9 @@ class _OpenAIRequest(_Strict):
         out = {}
         for k, v in data.items():
             if k in UNSUPPORTED:
-                if v not in (None, False, "", [], {}) and v != UNSUPPORTED_DEFAULTS.get(k):
+                # 0 is a value, not "unset" (0 == False in Python): logprobs=0 asks for the sampled token's
+                unset = v is None or v is False or (isinstance(v, (str, list, dict)) and not v)
+                if not unset and v != UNSUPPORTED_DEFAULTS.get(k):
                     raise ValueError(f"'{k}' is not supported by ember serve; leave it out")
             elif k not in IGNORED:
                 out[k] = v
