@@ -5,7 +5,8 @@ Texts: JSONL(.gz) rows with "text", Parquet document shards (a file or a folder 
 a --limit and the bootstrap see comparable units however long the documents are. Each item is scored in
 windows of the model's context (scoring.rolling_windows), every token predicted once.
 perplexity = exp(sum nll / tokens); bits_per_byte = sum nll / ln 2 / UTF-8 bytes, which is comparable
-across tokenizers. The bootstrap resamples whole documents.
+across tokenizers. The bootstrap resamples these ~4,000-character items, not whole documents: pieces of one
+long document are correlated, so with few long documents the intervals come out narrower than they should.
 """
 
 from __future__ import annotations
