@@ -144,10 +144,12 @@ def _corpus(run: Path, stage: str, docs: list[dict], finished: bool = True) -> P
     return folder
 
 
-def test_stage_trains_holds_out_val_docs_and_reports_compression(tmp_path, stdlib_docs):
+def test_stage_trains_holds_out_val_docs_and_reports_compression(tmp_path, stdlib_docs, monkeypatch):
     run = tmp_path / "run"
     _corpus(run, "corpus", stdlib_docs)
-    cfg = tok_train.Config(run=str(run), vocab_size=600, val_fraction=0.2, reference=str(GPT2_DIR))
+    monkeypatch.chdir(tmp_path)  # the GPT-2 reference is found through $EMBER_DATASETS, as every stage finds data
+    monkeypatch.setenv("EMBER_DATASETS", str(GPT2_DIR.parent.resolve()))
+    cfg = tok_train.Config(run=str(run), vocab_size=600, val_fraction=0.2)
     m = tok_train.main(cfg)
     n_val = sum(is_val(d["id"], 0.2) for d in stdlib_docs)
     assert 0 < n_val < len(stdlib_docs)

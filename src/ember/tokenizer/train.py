@@ -19,6 +19,7 @@ from typing import Iterator
 from ember.common import artifacts
 from ember.common.config import require
 from ember.common.log import print0
+from ember.common.paths import shared_dataset
 from ember.data.documents import read_shards
 from ember.data.tokenize import docs_input, is_val
 from ember.tokenizer.chat import CHAT_TEMPLATE
@@ -36,7 +37,7 @@ class Config:
     min_frequency: int = 2  # a pair must occur this often to be merged (1 memorizes rare strings)
     max_train_bytes: int = 0  # use at most this many UTF-8 bytes of training text (0 = all); bounds time
     val_fraction: float = 0.05  # documents held out for the compression report; keep equal to tokenize's
-    reference: str = "../shared/datasets/gpt2_tokenizer"  # GPT-2 vocab+merges to compare with; skipped if absent
+    reference: str = ""  # GPT-2 vocab+merges folder to compare with; "" = gpt2_tokenizer in the datasets folder; skipped if absent
 
     def __post_init__(self):
         require(MIN_VOCAB <= self.vocab_size <= 2**31, "vocab_size", self.vocab_size,
@@ -88,12 +89,6 @@ def gpt2_reference(folder: str | Path):
     return tok
 
 
-def find_reference(path: str) -> Path:
-    """A relative path is tried from the working directory, then from the checkout root (above src/)."""
-    p = Path(path)
-    if p.is_absolute() or p.exists():
-        return p
-    return Path(__file__).resolve().parents[3] / p
 
 
 def bytes_per_token(encode_batch, texts: list[str]) -> float | None:
@@ -151,7 +146,8 @@ def main(cfg: Config) -> dict:
                "held_out_bytes": held_bytes[0]}
     if held_out:
         metrics["bytes_per_token"] = bytes_per_token(ours.encode_batch, held_out)
-        ref = gpt2_reference(find_reference(cfg.reference)) if cfg.reference else None
+        ref_dir = cfg.reference or shared_dataset("gpt2_tokenizer")  # ($EMBER_DATASETS or ../shared/datasets)
+        ref = gpt2_reference(ref_dir) if ref_dir else None
         if ref is not None:
             metrics["gpt2_bytes_per_token"] = bytes_per_token(lambda ts: [e.ids for e in ref.encode_batch(ts)], held_out)
     line = (f"[tokenizer] vocab {ours.vocab_size} trained on {stats['train_bytes'] / 1e6:.1f} MB "
