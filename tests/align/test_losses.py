@@ -138,6 +138,20 @@ def test_grpo_loss_hand_computed():
     assert close(kl, math.exp(-1) / 3)  # k3 mean over the 3 counted tokens
 
 
+def test_dr_grpo_weighs_every_token_alike():
+    """A right 2-token reply (A = +.5) and a wrong 10-token one (A = -.5), ratio 1, no KL. GRPO's per-reply mean
+    gives each token -A / len / 2: -.125 vs +.025, the long wrong reply 5x weaker. Dr. GRPO (sums / 10): -A / 10 / 2
+    = -.025 vs +.025, as Liu et al. 2025 and TRL's dr_grpo."""
+    mask = torch.zeros(2, 10)
+    mask[0, :2], mask[1] = 1, 1
+    adv = t(0.5, -0.5)
+    for const_len, right, wrong in ((None, -0.125, 0.025), (10, -0.025, 0.025)):
+        logps = torch.zeros(2, 10, requires_grad=True)
+        loss, _, _ = L.grpo_loss(logps, logps.detach(), logps.detach(), adv, mask, 0.2, 0.0, const_len=const_len)
+        loss.backward()
+        assert close(logps.grad[0, 0], right) and close(logps.grad[1, 0], wrong)
+
+
 def test_grpo_loss_clips_large_ratios():
     # ratio e^1 = 2.718 with A = 1 and eps .2: the surrogate is clipped to 1.2, so the gradient is 0
     logps = t(0.0).view(1, 1).requires_grad_()

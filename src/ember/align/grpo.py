@@ -28,8 +28,8 @@ from ember.common.dist import pick_device
 from ember.common.errors import UserError
 from ember.common.log import Metrics, print0, step_line
 
-# advantage name -> function of align/losses.py
-ADVANTAGES = {"grpo": losses.grpo_advantages, "dr_grpo": losses.dr_grpo_advantages}
+# variant -> (advantage function of align/losses.py, does grpo_loss divide token sums by a constant length)
+ADVANTAGES = {"grpo": (losses.grpo_advantages, False), "dr_grpo": (losses.dr_grpo_advantages, True)}
 
 
 @dataclass
@@ -50,7 +50,7 @@ class Config:
     prompts_per_step: int = 8  # prompts per step; a step trains on prompts_per_step * group_size replies
     steps: int = 100  # rollout + update rounds
     updates_per_step: int = 1  # optimizer steps on each batch of rollouts (GRPO's mu); > 1 makes clipping matter
-    advantage: str = "grpo"  # grpo: (r - mean) / std in the group; dr_grpo: r - mean (Liu et al. 2025)
+    advantage: str = "grpo"  # grpo: (r-mean)/std, token mean per reply; dr_grpo: r-mean, token sum / max_new_tokens
     clip_eps: float = 0.2  # PPO clip range of the probability ratio
     kl_coef: float = 0.04  # weight of the k3 KL penalty to the reference (GRPO paper: 0.04)
     temperature: float = 1.0  # sampling temperature of rollouts (exploration); evaluation is greedy
@@ -132,7 +132,8 @@ def main(cfg: Config) -> dict:
     policy = pr.model.train()
     keep = prompt_budget(policy, cfg.max_prompt_len, cfg.max_new_tokens)
     opt = build_adamw(policy, cfg.lr, cfg.weight_decay, (0.9, 0.95), device)
-    advantage_fn = ADVANTAGES[cfg.advantage]
+    advantage_fn, const_len = ADVANTAGES[cfg.advantage]
+    const_len = cfg.max_new_tokens if const_len else None  # Dr. GRPO: the longest a reply can be
     metrics_log = Metrics(run.dir)
     acc_before = accuracy(policy, tok, val, cfg, device)
     print0(f"[grpo] held-out exact-answer accuracy before: {acc_before:.3f}")
@@ -162,7 +163,7 @@ def main(cfg: Config) -> dict:
             g["lr"] = lr
         for _ in range(cfg.updates_per_step):
             logps = token_logps(policy, batch)
-            loss, clip_frac, kl = losses.grpo_loss(logps, old, ref, adv, batch.mask, cfg.clip_eps, cfg.kl_coef)
+            loss, clip_frac, kl = losses.grpo_loss(logps, old, ref, adv, batch.mask, cfg.clip_eps, cfg.kl_coef, const_len)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)

@@ -206,12 +206,14 @@ def dr_grpo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Tensor, advantages: torch.Tensor,
-              mask: torch.Tensor, clip_eps: float, kl_coef: float):
+              mask: torch.Tensor, clip_eps: float, kl_coef: float, const_len: int | None = None):
     """GRPO objective (Shao et al. 2024, eq. 3), negated to a loss.
 
     Per token: -[min(ratio * A, clip(ratio, 1-eps, 1+eps) * A) - kl_coef * k3(pi || ref)], with A (N,)
     the sequence's group advantage broadcast over its tokens; averaged over each sequence's tokens
-    (the paper's 1/|o_i|), then over sequences. logps/old_logps/ref_logps/mask (N, T).
+    (the paper's 1/|o_i|), then over sequences. const_len (Dr. GRPO, Liu et al. 2025): every sequence's
+    token sum is divided by this same length instead of its own, so a long reply's tokens weigh as much
+    as a short one's (1/|o_i| favours long wrong replies). logps/old_logps/ref_logps/mask (N, T).
     Returns (loss, clip_frac, kl = mean k3 to the reference).
     """
     ratio = (logps - old_logps).exp()
@@ -219,7 +221,11 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Ten
     surrogate = torch.minimum(ratio * adv, ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * adv)
     kl = kl_k3(logps, ref_logps)
     per_token = -(surrogate - kl_coef * kl)
-    loss = masked_mean(per_token, mask, dim=1).mean()
+    if const_len is None:
+        per_seq = masked_mean(per_token, mask, dim=1)
+    else:
+        per_seq = masked_sum(per_token, mask, dim=1) / const_len
+    loss = per_seq.mean()
     with torch.no_grad():
         clip_frac = masked_mean(((ratio * adv) > (ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * adv)).float(), mask)
         kl_mean = masked_mean(kl, mask)
