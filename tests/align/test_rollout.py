@@ -20,9 +20,11 @@ def test_token_logps_matches_log_softmax(base_run):
     model = load_model(run / "sft" / "final").eval()
     b = R.collate([[tok.bos_id, 20, 21], [tok.bos_id]], [[30, 31], [40, 41, 42]], tok.pad_id)
     with torch.no_grad():
-        got = R.token_logps(model, b)
-        logp = F.log_softmax(model(b.ids[:, :-1]).float(), -1).gather(-1, b.ids[:, 1:, None])[..., 0]
-    assert torch.allclose(got, logp * b.mask, atol=1e-5)
+        for temperature in (1.0, 0.7):  # the distribution replies were sampled from: softmax(logits / T)
+            got = R.token_logps(model, b, temperature=temperature)
+            logits = model(b.ids[:, :-1]).float() / temperature
+            logp = F.log_softmax(logits, -1).gather(-1, b.ids[:, 1:, None])[..., 0]
+            assert torch.allclose(got, logp * b.mask, atol=1e-5)
 
 
 def test_cached_greedy_generation_equals_full_forward_decoding(base_run):

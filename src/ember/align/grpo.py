@@ -154,15 +154,15 @@ def main(cfg: Config) -> dict:
         adv = advantage_fn(rewards, cfg.group_size).to(device)  # (N,)
         batch = collate(prompts, replies, tok.pad_id).to(device)
         with torch.no_grad():
-            old = token_logps(policy.eval(), batch)
-            ref = pr.ref_logps(batch)
+            old = token_logps(policy.eval(), batch, temperature=cfg.temperature)
+            ref = pr.ref_logps(batch, cfg.temperature)
         policy.train()
 
         lr = cfg.lr * lr_factor(step - 1, cfg.steps, cfg.warmup, schedule="constant")
         for g in opt.param_groups:
             g["lr"] = lr
         for _ in range(cfg.updates_per_step):
-            logps = token_logps(policy, batch)
+            logps = token_logps(policy, batch, temperature=cfg.temperature)
             loss, clip_frac, kl = losses.grpo_loss(logps, old, ref, adv, batch.mask, cfg.clip_eps, cfg.kl_coef, const_len)
             opt.zero_grad(set_to_none=True)
             loss.backward()

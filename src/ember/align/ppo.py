@@ -128,8 +128,8 @@ def rollout(pr, reward_model, tok, prompts: list, cfg: Config, device, generator
     batch = collate(ids, replies, tok.pad_id).to(device)
     with torch.no_grad():
         pr.model.eval()
-        old, entropy = token_logps(pr.model, batch, return_entropy=True)
-        ref = pr.ref_logps(batch)
+        old, entropy = token_logps(pr.model, batch, return_entropy=True, temperature=cfg.temperature)
+        ref = pr.ref_logps(batch, cfg.temperature)
         scores = last_token_scores(reward_model.eval(), batch).float()
         unfinished = torch.tensor([stop not in r for r in replies], device=device, dtype=torch.float)
     kl = losses.sequence_logps(old - ref, batch.mask)  # (B,) sampled estimate of KL(pi || ref) per reply
@@ -196,7 +196,7 @@ def main(cfg: Config) -> dict:
             for s in range(0, len(prompts), cfg.minibatch_size):
                 idx = perm[s:s + cfg.minibatch_size].to(device)
                 mb = select(batch, idx)
-                logps = token_logps(pr.model, mb)
+                logps = token_logps(pr.model, mb, temperature=cfg.temperature)
                 pg_loss, clip_frac, approx_kl = losses.ppo_policy_loss(logps, r["old"][idx], adv[idx], mb.mask, cfg.clip_eps)
                 opt.zero_grad(set_to_none=True)
                 pg_loss.backward()

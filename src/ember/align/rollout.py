@@ -103,11 +103,15 @@ def collate_pairs(encoded, pad_id: int) -> SeqBatch:
 # ---------------------------------------------------------------------------- log-probs
 
 
-def token_logps(model: nn.Module, batch: SeqBatch, return_entropy: bool = False):
-    """log pi(token) for every target of the batch (B, L-1), 0 off the response mask; with entropy (B, L-1)."""
+def token_logps(model: nn.Module, batch: SeqBatch, return_entropy: bool = False, temperature: float = 1.0):
+    """log pi(token) for every target of the batch (B, L-1), 0 off the response mask; with entropy (B, L-1).
+    temperature: that of the sampling, so PPO/GRPO ratios and KL are of the distribution the replies came
+    from (as TRL; a top_k filter is not applied here, as in TRL)."""
     from ember.model.gpt import token_logprobs
 
     logits = model(batch.ids[:, :-1])  # (B, L-1, V)
+    if temperature != 1.0:
+        logits = logits / temperature
     targets = batch.ids[:, 1:].masked_fill(batch.mask == 0, -100)
     logps = token_logprobs(logits, targets) * batch.mask
     if not return_entropy:
@@ -211,9 +215,9 @@ class PolicyWithReference:
         self.model.train(was_training)
 
     @torch.no_grad()
-    def ref_logps(self, batch: SeqBatch) -> torch.Tensor:
+    def ref_logps(self, batch: SeqBatch, temperature: float = 1.0) -> torch.Tensor:
         with self.as_reference() as ref:
-            return token_logps(ref, batch)
+            return token_logps(ref, batch, temperature=temperature)
 
     def trainable(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
