@@ -52,3 +52,20 @@ def test_metrics_jsonl_and_tensorboard(tmp_path):
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
     assert [e.value for e in acc.Scalars("loss")] == [2.5, 2.0]
+
+
+def test_metrics_start_over_unless_resuming(tmp_path):
+    """An interrupted attempt's rows go when a stage starts over (sft, dpo, ... or pretrain without a
+    checkpoint); a resume keeps the rows up to its checkpoint step. Each step appears once either way."""
+    def attempt(steps, resume=False, at=None):
+        m = log.Metrics(tmp_path, resume=resume)
+        if at is not None:
+            m.resume_at(at)
+        for s in steps:
+            m.log(s, loss=float(s))
+        m.close()
+        return [r["step"] for r in log.read_metrics(tmp_path / "metrics.jsonl")]
+
+    assert attempt([1, 2, 3]) == [1, 2, 3]
+    assert attempt([1, 2, 3, 4]) == [1, 2, 3, 4]  # started over: not 1, 2, 3, 1, 2, 3, 4
+    assert attempt([3, 4, 5], resume=True, at=2) == [1, 2, 3, 4, 5]  # resumed from step 2's checkpoint

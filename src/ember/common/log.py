@@ -102,23 +102,26 @@ def progress(items: Iterable[T], total: int | None = None, desc: str = "", unit:
 
 
 class Metrics:
-    """Append-only metrics: one JSON line per call in `<dir>/metrics.jsonl`, TensorBoard events if asked.
+    """Metrics: one JSON line per call in `<dir>/metrics.jsonl`, TensorBoard events if asked.
 
-    Only rank 0 writes. The JSONL is flushed every call, so a killed run keeps every logged step.
+    Only rank 0 writes. The JSONL is flushed every call, so a killed run keeps every logged step. A run that
+    starts over starts the file over; one that resumes from a checkpoint opens it with resume=True and calls
+    resume_at(step), so every step appears once.
     """
 
-    def __init__(self, folder: str | Path, tensorboard: bool = False):
+    def __init__(self, folder: str | Path, tensorboard: bool = False, resume: bool = False):
         self.enabled = rank() == 0
         self.path = Path(folder) / "metrics.jsonl"
         self.tb = None
         if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.path, "a", encoding="utf-8")
+        self.file = open(self.path, "a" if resume else "w", encoding="utf-8")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # needs the `tensorboard` package
 
-            self.tb = SummaryWriter(log_dir=str(Path(folder) / "tb"))
+            # purge_step 0 hides a previous attempt's events when starting over
+            self.tb = SummaryWriter(log_dir=str(Path(folder) / "tb"), purge_step=None if resume else 0)
 
     def log(self, step: int, **values: float) -> None:
         if not self.enabled:

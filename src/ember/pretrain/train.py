@@ -200,7 +200,8 @@ def main(cfg: Config) -> dict:
     amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[use_dtype]
     autocast = (torch.autocast(env.device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext())
     scaler = torch.amp.GradScaler(env.device.type) if use_dtype == "fp16" else None  # fp16 needs loss scaling
-    metrics = Metrics(out_dir, tensorboard=cfg.tensorboard)
+    ckpt = train_state.latest(out_dir)  # artifacts.begin kept this folder (same config and inputs): resume
+    metrics = Metrics(out_dir, tensorboard=cfg.tensorboard, resume=ckpt is not None)
 
     # ---- data
     micro_tokens = cfg.batch_size * cfg.seq_len * env.world_size
@@ -267,8 +268,7 @@ def main(cfg: Config) -> dict:
             scaler.load_state_dict(s["scaler"])
         return meta["step"]
 
-    ckpt = train_state.latest(out_dir)
-    if ckpt is not None:  # artifacts.begin kept this folder: same config and inputs, so resume
+    if ckpt is not None:
         step = restore(ckpt, with_loader=True)
         metrics.resume_at(step)  # the steps after the checkpoint run again: their old rows go
         print0(f"[pretrain] resumed from {ckpt} at step {step}")
