@@ -164,12 +164,14 @@ def test_stage_trains_holds_out_val_docs_and_reports_compression(tmp_path, stdli
     assert tok_train.main(cfg) == m  # cached: same config and inputs
 
 
-def test_stage_prefers_finished_curate_over_corpus(tmp_path, stdlib_docs):
+def test_stage_reads_curate_else_corpus_never_an_unfinished_curate(tmp_path, stdlib_docs):
     run = tmp_path / "run"
     _corpus(run, "corpus", stdlib_docs[:40])
-    _corpus(run, "curate", stdlib_docs[40:], finished=False)
     cfg = tok_train.Config(run=str(run), vocab_size=300, val_fraction=0.0, reference="")
-    assert tok_train.main(cfg)["train_docs"] == 40  # unfinished curate: corpus is used
+    assert tok_train.main(cfg)["train_docs"] == 40  # no curate stage in this run: the corpus
+    _corpus(run, "curate", stdlib_docs[40:], finished=False)
+    with pytest.raises(UserError, match=r"curate did not finish .* rerun `ember curate"):
+        tok_train.main(cfg)  # not a silent fall back to uncleaned documents
     _corpus(run, "curate", stdlib_docs[40:45])
     m = tok_train.main(cfg)
     assert m["train_docs"] == 5 and "bytes_per_token" not in m  # no held-out documents: nothing to report

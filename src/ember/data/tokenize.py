@@ -1,6 +1,6 @@
 """`ember tokenize`: encode documents into flat token shards `<run>/tokenize/tokens/{train,val}_NNNNN.bin`.
 
-    ember tokenize                                   # <run>/curate (if finished) else <run>/corpus, <run>/tokenizer
+    ember tokenize                                   # <run>/curate (or <run>/corpus with no curate), <run>/tokenizer
     ember tokenize --workers=8 --val_fraction=0.01
 
 A shard is a raw little-endian array of uint16 token ids (uint32 when the vocabulary exceeds 65536), no
@@ -40,7 +40,7 @@ CHECK_BYTES = 128 << 10  # text encoded by both engines before tiktoken is trust
 @dataclass
 class Config:
     run: str = "runs/default"  # run folder; this stage writes <run>/tokenize/
-    docs: str = ""  # document shards; empty = <run>/curate if finished, else <run>/corpus
+    docs: str = ""  # document shards; empty = <run>/curate, or <run>/corpus if the run has no curate stage
     tokenizer: str = ""  # tokenizer.json (or its folder); empty = <run>/tokenizer/tokenizer.json
     val_fraction: float = 0.05  # share of documents (by id hash) in the val split; keep equal to the tokenizer's
     workers: int = 0  # encoding threads (the engines release the GIL); 0 = one per core
@@ -66,11 +66,19 @@ def is_val(doc_id: str, fraction: float) -> bool:
 
 
 def docs_input(docs: str, run: str) -> Path:
-    """The documents a stage reads: the configured path, else <run>/curate when finished, else <run>/corpus."""
+    """The documents a stage reads: the configured path, else <run>/curate, else (no curate stage in this
+    run) <run>/corpus. A curate folder that did not finish is an error, not a silent fall back to documents
+    that were never cleaned, PII-scrubbed or deduplicated."""
     if docs:
         return Path(docs)
     curate = Path(run) / "curate"
-    return curate if artifacts.is_finished(curate) else Path(run) / "corpus"
+    if not curate.exists():
+        return Path(run) / "corpus"
+    if not artifacts.is_finished(curate):
+        status = (artifacts.read_meta(curate) or {}).get("status", "no meta.json")
+        raise UserError(f"{curate} did not finish (status: {status}): rerun `ember curate --run={run}`, or pass "
+                        f"--docs=<folder> to read other documents")
+    return curate
 
 
 def token_dtype(vocab_size: int):

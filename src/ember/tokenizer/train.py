@@ -1,6 +1,6 @@
 """`ember tokenizer`: train a byte-level BPE tokenizer (HF `tokenizers`) on the run's documents.
 
-    ember tokenizer                              # vocab 4096 on <run>/curate (if finished) else <run>/corpus
+    ember tokenizer                              # vocab 4096 on <run>/curate (or <run>/corpus with no curate)
     ember tokenizer --vocab_size=8192 --docs=runs/big/curate
 
 Writes `<run>/tokenizer/tokenizer.json` (loadable by `tokenizers.Tokenizer.from_file` and by transformers'
@@ -32,7 +32,7 @@ HELD_OUT_MAX_BYTES = 16 << 20  # enough text for a stable bytes/token figure; bo
 @dataclass
 class Config:
     run: str = "runs/default"  # run folder; this stage writes <run>/tokenizer/
-    docs: str = ""  # document shards to train on; empty = <run>/curate if finished, else <run>/corpus
+    docs: str = ""  # document shards to train on; empty = <run>/curate, or <run>/corpus if the run has no curate stage
     vocab_size: int = 4096  # total ids incl. 256 byte tokens and 7 special tokens; <= 65536 keeps uint16 shards
     min_frequency: int = 2  # a pair must occur this often to be merged (1 memorizes rare strings)
     max_train_bytes: int = 0  # use at most this many UTF-8 bytes of training text (0 = all); bounds time
