@@ -185,3 +185,16 @@ def test_a_stage_that_raises_is_marked_failed(tmp_path, monkeypatch, capsys):
     meta = json.loads((tmp_path / "run" / "corpus" / "meta.json").read_text())
     assert rc == 2 and meta["status"] == "failed" and "UserError" in meta["error"] and meta["ended"]
     assert not artifacts._OPEN
+
+
+def test_config_hash_ignores_how_the_run_is_spelled_and_int_vs_float():
+    """runs/a, ./runs/a/ and a copied run folder are the same config; so are lora_alpha 8 and 8.0 (a --config
+    replay reads 8.0); any real setting still changes the hash."""
+    from ember.sft.train import Config
+
+    h = artifacts.config_hash
+    assert h(Config(run="runs/a", lora_alpha=8)) == h(Config(run="./runs/a/", lora_alpha=8.0)) \
+        == h(Config(run="/elsewhere/copy", lora_alpha=8))
+    assert h(Config(run="runs/a", lora_alpha=8)) != h(Config(run="runs/a", lora_alpha=9))
+    assert h(Config(run="runs/a")) != h(Config(run="runs/a", model="other/final"))
+    assert h(Cfg(run="x", scale=2)) != h(Cfg(run="x", scale=3))

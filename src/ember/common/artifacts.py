@@ -25,6 +25,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import typing
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -113,7 +114,24 @@ def hash_path(path: str | Path) -> str:
 
 
 def config_hash(cfg) -> str:
-    blob = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
+    """The hash that decides "same config": of every setting but `run` (where the run lives, however it is
+    spelled: runs/a, ./runs/a/, a copy elsewhere), with ints in float fields as floats (8 == 8.0, as a
+    --config replay reads them). What a stage reads from the run folder is hashed as its inputs."""
+    def normalized(c, top: bool) -> dict:
+        hints = typing.get_type_hints(type(c))
+        out = {}
+        for f in dataclasses.fields(c):
+            v = getattr(c, f.name)
+            if top and f.name == "run":
+                continue
+            if dataclasses.is_dataclass(v):
+                v = normalized(v, False)
+            elif hints.get(f.name) is float and isinstance(v, int) and not isinstance(v, bool):
+                v = float(v)
+            out[f.name] = v
+        return out
+
+    blob = json.dumps(normalized(cfg, True), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
