@@ -66,6 +66,16 @@ def test_cache_follows_source_content(tmp_path):
     assert corpus.main(cfg)["bytes"] == len("second version, longer")
 
 
+def test_cache_follows_a_local_file_read_through_hf(tmp_path):
+    pytest.importorskip("datasets", reason="hf: sources need the datasets package")
+    src = tmp_path / "a.jsonl"
+    src.write_text('{"text": "one"}\n')
+    cfg = corpus.Config(run=str(tmp_path / "run"), sources=[f"hf:{src}"])
+    assert corpus.main(cfg)["documents"] == 1
+    src.write_text('{"text": "one"}\n{"text": "two"}\n')  # edited: the cached run no longer matches
+    assert corpus.main(cfg)["documents"] == 2
+
+
 def test_cli(tmp_path, capsys):
     run = str(tmp_path / "run")
     assert cli.main(["corpus", "--preset=smoke", f"--run={run}", "--max_docs=3"]) == 0

@@ -19,7 +19,7 @@ from ember.common.config import require
 from ember.common.errors import UserError
 from ember.common.log import print0
 from ember.data.documents import write_shards
-from ember.data.sources import MAX_ERROR_EXAMPLES, iter_documents
+from ember.data.sources import MAX_ERROR_EXAMPLES, iter_documents, parse_hf_spec
 
 
 @dataclass
@@ -47,8 +47,12 @@ PRESETS = {
 
 
 def local_inputs(sources: list[str]) -> dict[str, str]:
-    """Local paths among the sources, hashed by artifacts.begin so an edited file invalidates the cache."""
+    """Local paths among the sources, hashed by artifacts.begin so an edited file invalidates the cache: plain
+    paths, and the NAME of an hf: source when it is a local file or folder (a hub dataset is not hashed)."""
     local = {f"source{i}": s for i, s in enumerate(sources) if s != "stdlib" and not s.startswith("hf:")}
+    for i, s in enumerate(sources):
+        if s.startswith("hf:") and Path(name := parse_hf_spec(s)[0]).expanduser().exists():
+            local[f"source{i}"] = name
     for s in local.values():
         if not Path(s).expanduser().exists():
             raise UserError(f"source '{s}': no such file or folder. A source is 'stdlib', a path to a .txt/.jsonl/"
