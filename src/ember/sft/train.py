@@ -139,6 +139,10 @@ def pct(x: float) -> str:
     return "n/a" if math.isnan(x) else f"{x:.0%}"
 
 
+def loss_text(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{x:.4f}"
+
+
 # ---------------------------------------------------------------------------- the recipe
 
 def main(cfg: Config) -> dict:
@@ -205,6 +209,9 @@ def main(cfg: Config) -> dict:
     print0(f"[sft] {len(train_convs)} train / {len(val_convs)} val conversations ({time.perf_counter() - t0:.1f}s), "
            f"{data_stats['rows']} rows of {seq_len}, {data_stats['trained_tokens']} trained tokens, "
            f"{truncated} truncated, {dropped} dropped (no reply left after truncation)")
+    if not val_rows:
+        print0(f"[sft] no held-out conversation (val_fraction = {cfg.val_fraction} of {len(convs)}): val loss and "
+               f"stop rate are not measured; give more data or a larger val_fraction")
 
     # ---- model
     n_params = model.num_params()
@@ -222,7 +229,7 @@ def main(cfg: Config) -> dict:
     # ---- evaluation before training (the baseline the metrics compare to)
     val_loss0 = eval_loss(model, val_rows, cfg, tok.pad_id, seq_len, device, autocast)
     stop0, _ = stop_eval(model, tok, val_convs, cfg.stop_prompts)
-    print0(f"[sft] before: val loss {val_loss0:.4f} | stops at <|end|> {pct(stop0)}"
+    print0(f"[sft] before: val loss {loss_text(val_loss0)} | stops at <|end|> {pct(stop0)}"
            + (" (no held-out prompt fits the context)" if math.isnan(stop0) and cfg.stop_prompts else ""))
     metrics.log(0, val_loss=val_loss0, stop_rate=stop0)
 
@@ -266,14 +273,14 @@ def main(cfg: Config) -> dict:
             print0(step_line(step + 1, total_steps, loss=loss_val, lr=lr_now, dt=dt, **{"tok/s": tok_s}))
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total_steps:
             vl = eval_loss(model, val_rows, cfg, tok.pad_id, seq_len, device, autocast)
-            print0(f"[sft] step {step + 1}: val loss {vl:.4f}")
+            print0(f"[sft] step {step + 1}: val loss {loss_text(vl)}")
             metrics.log(step + 1, val_loss=vl)
     train_s = time.perf_counter() - t_start
 
     # ---- evaluation after training
     val_loss = eval_loss(model, val_rows, cfg, tok.pad_id, seq_len, device, autocast)
     stop1, samples = stop_eval(model, tok, val_convs, cfg.stop_prompts)
-    print0(f"[sft] after: val loss {val_loss:.4f} (was {val_loss0:.4f}) | stops at <|end|> {pct(stop1)} "
+    print0(f"[sft] after: val loss {loss_text(val_loss)} (was {loss_text(val_loss0)}) | stops at <|end|> {pct(stop1)} "
            f"(was {pct(stop0)})")
     metrics.log(total_steps, val_loss=val_loss, stop_rate=stop1)
     metrics.close()
