@@ -138,6 +138,9 @@ def test_votes_append_jsonl(kit, server):
     assert kit.http("POST", url + "/api/votes", body) == (200, {"ok": True})
     row = json.loads(votes.read_text().splitlines()[-1])
     assert {k: row[k] for k in body} == body and "time" in row
+    status, data = kit.http("POST", url + "/api/votes", {**body, "b": "not-served"})
+    assert status == 400 and "model 'not-served' is not served here" in data["error"]["message"]
+    assert json.loads(votes.read_text().splitlines()[-1]) == row  # nothing written
 
 
 def test_api_key(kit, tiny):

@@ -449,6 +449,9 @@ def create_app(models: list[Served], limits: Limits | None = None, *, api_key: s
     async def vote(v: Vote):
         if votes_path is None:
             raise APIError(400, "this server records no votes (started without a votes file)")
+        for side, name in (("a", v.a), ("b", v.b)):  # a vote between models this server never ran is noise
+            if name not in served:
+                raise APIError(400, f"vote '{side}': model '{name[:80]}' is not served here ({', '.join(served)})")
         row = {**v.model_dump(), "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
         path = Path(votes_path)
         path.parent.mkdir(parents=True, exist_ok=True)
