@@ -31,12 +31,17 @@ def test_normalize():
     assert normalize(text) == "Café\nzerowidth space\n\n\n    indented\tline"
     assert normalize("ﬁne", "NFKC") == "fine" and normalize("ﬁne", "NFC") == "ﬁne"
     assert normalize("def f():\n    pass\n\n\ndef g(): pass\n") == "def f():\n    pass\n\n\ndef g(): pass"  # PEP 8 kept
+    for kept in ("\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645", "\U0001f468\u200d\U0001f469\u200d\U0001f467"):
+        assert normalize(kept) == kept  # ZWNJ in Persian words, ZWJ in emoji sequences
 
 
 def test_is_code():
     assert is_code(doc("x", kind="code")) and not is_code(doc("x", kind="docs"))
     assert is_code({"id": "stdlib/json/decoder.py", "text": "", "source": "stdlib", "meta": {}})
     assert is_code(doc("x", url="https://example.com/a/b.rs?raw=1"))
+    for url in ("https://www.example.pl/", "https://shop.example.rs/watches", "https://example.com/article.php?id=3"):
+        assert not is_code(doc("x", url=url)), url  # a web page: the domain and .php say nothing of code
+    assert is_code(doc("x", lang="perl")) and is_code(doc("x", path="tools/x.pl"))
     assert not is_code(doc("x", path="notes/readme.txt"))
 
 
@@ -74,6 +79,15 @@ def test_gopher_rules_drop(text, key):
     cfg = Config(max_words=100) if key == "too_long" else Config()
     reason = gopher_quality(text, cfg)
     assert reason is not None and reason.split(":")[0] == key, reason
+
+
+def test_gopher_symbol_rule_takes_hash_and_ellipsis_apart():
+    extra = "apple bread cedar dune eagle fjord grape heron iris jade kelp lime moss nutmeg oak pine quail reed".split()
+    text = PROSE + "".join(f" #{w}" for w in extra[:9]) + "".join(f" {w}..." for w in extra[9:]) + " The end."
+    # 9 hashes and 9 ellipses in ~117 words: each under 0.1 per word, together over it
+    n = len(text.split())
+    assert 9 / n < 0.1 < 18 / n and gopher_quality(text, Config()) is None
+    assert gopher_quality(PROSE + " #" * 14 + " The end.", Config()).startswith("symbols: 0.124 hash per word")
 
 
 def test_gopher_repetition_rules():

@@ -58,7 +58,7 @@ class Config:
     max_words: int = 100_000  # Gopher
     min_mean_word_len: float = 3.0  # Gopher: mean word length 3 to 10 characters
     max_mean_word_len: float = 10.0  # Gopher
-    max_symbol_ratio: float = 0.1  # Gopher: (# and ellipses) per word
+    max_symbol_ratio: float = 0.1  # Gopher: # per word, and ellipses per word, each at most this
     max_bullet_lines: float = 0.9  # Gopher: fraction of lines starting with a bullet
     max_ellipsis_lines: float = 0.3  # Gopher: fraction of lines ending in an ellipsis
     min_alpha_words: float = 0.8  # Gopher: fraction of words with at least one letter

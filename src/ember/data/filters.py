@@ -13,7 +13,7 @@ import re
 import unicodedata
 from collections import Counter
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit
 
 import numpy as np
 
@@ -26,7 +26,9 @@ GLOBAL_STEPS = ("exact_dedup", "near_dedup")  # need every document at once; run
 
 # ---------------------------------------------------------------------------- normalization
 
-_INVISIBLE = re.compile("[\u0000-\u0008\u000b-\u001f\u007f-\u009f\u00ad\u200b-\u200d\u2060\ufeff]")
+# zero-width space, word joiner, BOM, soft hyphen, controls; not the joiners U+200C/U+200D, which spell words
+# (Persian ZWNJ) and emoji sequences
+_INVISIBLE = re.compile("[\u0000-\u0008\u000b-\u001f\u007f-\u009f\u00ad\u200b\u2060\ufeff]")
 _SPACES = re.compile("[\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]")  # no-break and typographic spaces
 _BLANKS = re.compile(r"\n{4,}")
 
@@ -51,7 +53,7 @@ def normalize(text: str, form: str = "NFC") -> str:
 CODE_EXTS = {".py", ".pyi", ".pyw", ".c", ".h", ".cc", ".cpp", ".hpp", ".java", ".js", ".ts", ".go", ".rs",
              ".rb", ".sh", ".bat", ".ps1", ".pl", ".php", ".cs", ".swift", ".kt", ".scala", ".lua", ".sql"}
 CODE_LANGS = {"code", "python", "c", "c++", "cpp", "java", "javascript", "typescript", "go", "rust", "ruby",
-              "shell", "bash", "php", "c#", "swift", "kotlin", "scala", "lua", "sql"}
+              "shell", "bash", "perl", "php", "c#", "swift", "kotlin", "scala", "lua", "sql", "powershell"}
 # Gopher's stop-word rule uses exactly the English eight (Rae et al. 2021, App. A); the others are the most
 # frequent function words of each language, for the same "is this running text in language X" test.
 STOPWORDS = {
@@ -66,13 +68,18 @@ STOPWORDS = {
 
 
 def is_code(doc: dict) -> bool:
-    """Source code gets code filters: meta lang/language/kind names a code language, or a path ends in one."""
+    """Source code gets code filters: meta lang/language/kind names a code language, or a file path ends in
+    one. Of a URL only the path counts (example.pl/ is a Polish web page), and not .php (a page it renders)."""
     meta = doc.get("meta") or {}
     lang = str(meta.get("lang") or meta.get("language") or meta.get("kind") or "").lower()
     if lang:
         return lang in CODE_LANGS
     for key in (meta.get("path"), meta.get("url"), doc.get("id"), doc.get("source")):
-        if isinstance(key, str) and Path(key.split("?")[0]).suffix.lower() in CODE_EXTS:
+        if not isinstance(key, str):
+            continue
+        url = "://" in key
+        ext = Path(urlsplit(key).path if url else key).suffix.lower()
+        if ext in CODE_EXTS and not (url and ext == ".php"):
             return True
     return False
 
@@ -192,9 +199,9 @@ def gopher_quality(text: str, cfg) -> str | None:
     mean = sum(len(w) for w in words) / n
     if not cfg.min_mean_word_len <= mean <= cfg.max_mean_word_len:
         return f"word_length: mean {mean:.1f} outside [{cfg.min_mean_word_len}, {cfg.max_mean_word_len}]"
-    symbols = text.count("#") + text.count("...") + text.count("…")
-    if symbols / n > cfg.max_symbol_ratio:
-        return f"symbols: {symbols / n:.3f} hash/ellipsis per word > {cfg.max_symbol_ratio}"
+    for name, count in (("hash", text.count("#")), ("ellipsis", text.count("...") + text.count("…"))):
+        if count / n > cfg.max_symbol_ratio:  # Gopher: either symbol alone over the ratio, not their sum
+            return f"symbols: {count / n:.3f} {name} per word > {cfg.max_symbol_ratio}"
     lines = [ln.strip() for ln in text.split("\n") if ln.strip()]
     bullets = sum(ln.startswith(_BULLETS) for ln in lines) / len(lines)
     if bullets > cfg.max_bullet_lines:
