@@ -94,7 +94,7 @@ def test_every_document_kept_or_rejected_with_reason(tmp_path):
     assert steps["normalize"]["docs_in"] == 15 and steps["near_dedup"]["docs_out"] == 5
     for a, b_ in zip(card["steps"], card["steps"][1:]):
         assert a["docs_out"] == b_["docs_in"]  # each step sees what the previous one kept
-    assert card["pii_replaced"] == {"email": 2, "phone": 2}  # prose-b and its near-duplicate
+    assert card["pii_replaced"] == {"email": 1, "phone": 1}  # in prose-b; not its removed near-duplicate's
     assert card["duplicates"]["exact"]["clusters"] == 1 and card["duplicates"]["near"]["removed"] == 1
     assert card["duplicates"]["near"]["largest"][0] == {"kept": "prose-b", "size": 2, "removed": ["prose-b-near"]}
     sources = {s["source"]: s for s in card["sources"]}

@@ -176,7 +176,7 @@ def test_text_steps_order_stats_and_edits():
     d = doc(PROSE.replace("Martha", "Martha (martha@example.org)") + "   \r\n")
     stats = {}
     assert steps(d, stats) is None
-    assert "<|EMAIL|>" in d["text"] and d["meta"]["pii"] == {"email": 1} and steps.pii_counts["email"] == 1
+    assert "<|EMAIL|>" in d["text"] and d["meta"]["pii"] == {"email": 1}
     assert [s[0] for s in stats.values()] == [1, 1, 1, 1] and stats["pii"][2] == 1
     assert stats["normalize"][3] < stats["normalize"][1]  # trailing whitespace removed
     bad = doc("tiny")

@@ -204,9 +204,6 @@ def _work(unit: tuple[int, int, list[dict], str]) -> tuple[int, int]:
             if "contaminated" in d["meta"]:
                 for name in d["meta"]["contaminated"]:
                     stats["flagged"][name] = stats["flagged"].get(name, 0) + 1
-    pii = steps.pii_counts
-    stats["pii"] = dict(pii)
-    pii.clear()
     sigs, shingles = {}, {}
     if "near_dedup" in cfg.steps:  # the shingle set is kept too: candidate pairs are verified exactly
         shingles = {id(d): _STATE["hasher"].shingles(d["text"]) for d in kept}

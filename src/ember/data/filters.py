@@ -346,7 +346,6 @@ class TextSteps:
         self.blocklist = SourceList(cfg.blocklist, "blocklist") if "blocklist" in self.steps else None
         self.optout = SourceList(cfg.optout, "opt-out list") if "optout" in self.steps else None
         self.evals = EvalIndex(cfg.eval_sets, cfg.decontam_ngram) if "decontam" in self.steps else None
-        self.pii_counts: Counter = Counter()
         self.fns = {s: getattr(self, "_" + s) for s in self.steps}
 
     def __call__(self, doc: dict, stats: dict | None = None) -> tuple[str, str] | None:
@@ -381,8 +380,7 @@ class TextSteps:
 
     def _pii(self, doc):
         doc["text"], counts = pii.scrub(doc["text"], self.cfg.pii)
-        if counts:
-            self.pii_counts.update(counts)
+        if counts:  # the data card counts these over the documents curate keeps
             doc.setdefault("meta", {})["pii"] = dict(counts)
         return None
 

@@ -48,6 +48,8 @@ def count_output(stats: dict, doc: dict) -> None:
     s["docs_out"] += 1
     s["bytes_out"] += len(doc["text"].encode("utf-8"))
     _license(s, "licenses", doc)
+    for kind, n in ((doc.get("meta") or {}).get("pii") or {}).items():  # replacements in what is kept
+        stats["pii"][kind] = stats["pii"].get(kind, 0) + n
     date = (doc.get("meta") or {}).get("date")
     if date is not None:
         date = str(date)
@@ -171,7 +173,8 @@ def render(card: dict) -> str:
         for g in c["largest"]:
             out.append(f"  - kept `{g['kept']}`, size {g['size']}, e.g. removed {', '.join(f'`{r}`' for r in g['removed'])}")
     pii = card["pii_replaced"]
-    out += ["", "## PII replaced", "", ", ".join(f"{k}: {v}" for k, v in pii.items()) if pii else "none found", ""]
+    out += ["", "## PII replaced (in the kept documents)", "",
+            ", ".join(f"{k}: {v}" for k, v in pii.items()) if pii else "none found", ""]
     c = card["contamination"]
     out += ["## Decontamination", ""]
     if c["eval_sets"]:
