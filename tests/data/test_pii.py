@@ -26,6 +26,8 @@ def test_emails_replaced(text, expected):
     "user@localhost has no domain",
     "a @ b.com with spaces",
     "matrix @ other.T",
+    "s = q@k.transpose(-2, -1)", "y = x@self.weight", "z = a@w.mT",  # matrix products in code
+    "locale 'sd_IN@devanagari.UTF-8'",
 ])
 def test_email_lookalikes_survive(text):
     assert only(text, "email") == (text, 0)
@@ -38,6 +40,12 @@ def test_email_lookalikes_survive(text):
 def test_phones_replaced(text):
     out, n = only(f"call {text} now", "phone")
     assert (out, n) == ("call <|PHONE|> now", 1)
+
+
+def test_numbers_after_a_phone_or_card_are_let_go():
+    assert only("Tel +44 20 7946 0958 2024 edition", "phone") == ("Tel <|PHONE|> 2024 edition", 1)
+    assert only("Card: 4111 1111 1111 1111 12/25", "credit_card") == ("Card: <|CREDIT_CARD|> 12/25", 1)
+    assert only("visa 4111 1111 1111 1111 123", "credit_card") == ("visa <|CREDIT_CARD|> 123", 1)
 
 
 @pytest.mark.parametrize("text", [
@@ -84,7 +92,7 @@ def test_luhn_hand_computed():
 
 
 @pytest.mark.parametrize("text", ["8.8.8.8", "93.184.216.34", "1.2.3.4", "2001:4860:4860::8888",
-                                  "2a00:1450:4001:81c::200e"])
+                                  "2a00:1450:4001:81c::200e", "::ffff:81.2.69.142"])  # IPv4 in IPv6 form: whole
 def test_public_ips_replaced(text):
     assert only(f"host {text} answered", "ip") == ("host <|IP|> answered", 1)
 
@@ -92,6 +100,7 @@ def test_public_ips_replaced(text):
 @pytest.mark.parametrize("text", [
     "127.0.0.1", "10.0.0.1", "192.168.1.1", "0.0.0.0", "169.254.1.1",  # loopback, private, link-local
     "version 1.2.3.4", "v1.2.3.4", "Version: 1.2.3.4", "version='2.0.1.3'", "Python 3.11.7.1", "section 8.1.2.2",
+    "__version__ = '3.11.7.2'", "rfc7231#section-7.1.1.1", "section-8.2.4.45",
     "1.2.3.4.5", "999.1.1.1", "01.02.03.04",  # too long, out of range, zero-padded
     "a[1::2]", "x[::2]", "::1", "fe80::1", "d[1:2:3]",  # slices, loopback and link-local IPv6
 ])

@@ -44,13 +44,18 @@ _SECRET_SHAPES = [(gate, re.compile(p)) for gate, p in [
 # `api_key = "..."`-style assignments, matched on the lowercased text: only a random-looking value is replaced.
 _SECRET_ASSIGN = re.compile(r"""(?:key|secret|token|passw(?:or)?d)["']?\s*[:=]\s*(["'])([^"'\s]{16,200})\1""")
 _EMAIL_DOMAIN = re.compile(r"@(?:[A-Za-z0-9-]{1,63}\.)+[A-Za-z]{2,24}\b")
+_GENERIC_TLDS = frozenset("""com org net edu gov mil int info biz name pro aero coop museum mobi jobs travel tel asia
+    cat post xxx online site tech store shop blog cloud email space website xyz club top live news art design page
+    agency digital media world today life group company solutions services network systems software studio academy
+    center global international social support zone link click host one wiki dev app""".split())
 _EMAIL_LOCAL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}\Z")  # searched in the 64 characters before "@"
 _CARD = re.compile(r"\d(?:[ -]?\d){12,18}")
 _IPV4 = re.compile(r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}")
 _IPV6_SEED = re.compile(r":[0-9A-Fa-f]{0,4}:")
 _HEX_COLON = set("0123456789abcdefABCDEF:")
 # A dotted quad right after one of these is a version or section number, not an address.
-_VERSION_CUE = re.compile(r"""(?i)(?:\bv|\bversions?|\bver\.?|\breleases?|\brev\.?|python|\bsections?|§)\s*[:=]?\s*["']?\Z""")
+_VERSION_CUE = re.compile(
+    r"""(?i)(?:\bv|versions?_*|\bver\.?|\breleases?|\brev\.?|python|\bsections?|§)\s*[:=#-]?\s*["']?\Z""")
 _PHONE_PAREN = re.compile(r"\(([2-9])\d\d\)\s?([2-9])\d\d[ .-]\d{4}")  # (555) 234-5678
 _PHONE_SEP = re.compile(r"([2-9])\d\d([.-])([2-9])\d\d\2\d{4}")  # 555-234-5678, 555.234.5678
 _PHONE_PLUS = re.compile(r"\+\d[\d ()-]{6,20}\d")  # +44 20 7946 0958, +1 (555) 234-5678
@@ -100,26 +105,45 @@ def find_secrets(text: str) -> list[Span]:
     return spans
 
 
+def _email_tld_ok(tld: str) -> bool:
+    """A country code or a common generic TLD, in one case: `q@k.transpose(`, `x@self.weight` (matrix
+    products in code) and `sd_IN@devanagari.UTF-8` (a locale) end in something no address ends in."""
+    return (tld.islower() or tld.isupper()) and (len(tld) == 2 or tld.lower() in _GENERIC_TLDS)
+
+
 def find_emails(text: str) -> list[Span]:
     spans = []
     for m in _EMAIL_DOMAIN.finditer(text):
+        if not _email_tld_ok(m.group(0).rsplit(".", 1)[1]) or text[m.end():m.end() + 1] == "(":
+            continue
         local = _EMAIL_LOCAL.search(text, max(0, m.start() - 64), m.start())
         if local and not _word_char(text, local.start() - 1, ".+-"):
             spans.append((local.start(), m.end()))
     return spans
 
 
+def _group_prefixes(run: str) -> list[int]:
+    """Lengths of `run` to try, longest first: all of it, then each prefix that ends where a separator
+    begins ("4111 1111 1111 1111 12/25": the digits after the number are grabbed too, then let go)."""
+    return [len(run)] + [i for i in range(len(run) - 1, 0, -1) if run[i] in " -" and run[i - 1].isdigit()]
+
+
 def find_cards(text: str) -> list[Span]:
     spans = []
     for m in _CARD.finditer(text):
         s, e = m.span()
-        if _word_char(text, s - 1, "-") or _word_char(text, e, "-"):
+        if _word_char(text, s - 1, "-"):
             continue  # part of a longer number or identifier
-        if len(set(re.findall(r"[ -]", m.group(0)))) > 1:
-            continue  # mixed separators ("4111 1111-1111 1111") are not how card numbers are written
-        digits = re.sub(r"[ -]", "", m.group(0))
-        if card_issuer_ok(digits) and luhn_ok(digits):
-            spans.append((s, e))
+        for k in _group_prefixes(m.group(0)):
+            cand = m.group(0)[:k]
+            if k == len(m.group(0)) and _word_char(text, e, "-"):
+                continue  # the whole run runs on into more digits or letters
+            if len(set(re.findall(r"[ -]", cand))) > 1:
+                continue  # mixed separators ("4111 1111-1111 1111") are not how card numbers are written
+            digits = re.sub(r"[ -]", "", cand)
+            if len(digits) >= 13 and card_issuer_ok(digits) and luhn_ok(digits):
+                spans.append((s, s + k))
+                break
     return spans
 
 
@@ -139,7 +163,7 @@ def find_ips(text: str) -> list[Span]:
             continue  # 1.2.3.4.5, x1.2.3.4: part of something longer
         if any(len(o) > 1 and o[0] == "0" for o in m.group(0).split(".")):
             continue  # 01.02.03.04 is not how addresses are written
-        if _public_ip(m.group(0)) and not _VERSION_CUE.search(text, max(0, s - 12), s):
+        if _public_ip(m.group(0)) and not _VERSION_CUE.search(text, max(0, s - 20), s):
             spans.append((s, e))
     if "::" in text or text.count(":") >= 7:
         end = -1
@@ -151,6 +175,8 @@ def find_ips(text: str) -> list[Span]:
                 s -= 1
             while e < len(text) and text[e] in _HEX_COLON:
                 e += 1
+            if text[e:e + 1] == "." and (tail := _IPV4.match(text, text.rfind(":", s, e) + 1)):
+                e = tail.end()  # ::ffff:81.2.69.142, an IPv4 address in IPv6 form: the whole of it
             end = e
             cand = text[s:e]
             # 3+ colons: short forms like 1::2 are mostly slices in code; bounded by non-word characters
@@ -174,15 +200,19 @@ def find_phones(text: str) -> list[Span]:
     if "+" in text:
         for m in _PHONE_PLUS.finditer(text):
             s, e = m.span()
-            digits = re.sub(r"\D", "", m.group(0))
-            if _word_char(text, s - 1, "+") or _word_char(text, e):
+            if _word_char(text, s - 1, "+"):
                 continue
-            if digits[0] == "1":  # North America: +1 and ten digits, area code and exchange starting 2-9
-                ok = len(digits) == 11 and digits[1] in "23456789" and digits[4] in "23456789"
-            else:
-                ok = 10 <= len(digits) <= 15  # E.164 allows at most 15 digits
-            if ok:
-                spans.append((s, e))
+            for k in _group_prefixes(m.group(0)):  # "+44 20 7946 0958 2024 edition": the year is not the number's
+                if k == len(m.group(0)) and _word_char(text, e):
+                    continue
+                digits = re.sub(r"\D", "", m.group(0)[:k])
+                if digits[0] == "1":  # North America: +1 and ten digits, area code and exchange starting 2-9
+                    ok = len(digits) == 11 and digits[1] in "23456789" and digits[4] in "23456789"
+                else:
+                    ok = 10 <= len(digits) <= 15  # E.164 allows at most 15 digits
+                if ok:
+                    spans.append((s, s + k))
+                    break
     return spans
 
 
