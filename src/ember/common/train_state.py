@@ -6,7 +6,9 @@
                         rng/rank_00000.json     python, numpy and torch RNG states of each rank
                         dcp/                    instead of the two safetensors when sharded (FSDP2/TP)
 
-No weights are pickled. A checkpoint is written into `.step_000100.tmp/` and renamed when complete, so a
+No weights are pickled. A DCP checkpoint's index (`dcp/.metadata`) is a pickle, as are its non-tensor
+values: on load the index is unpickled first with only DCP's metadata classes allowed, and the values with
+torch.load(weights_only=True), so a hostile checkpoint cannot run code. A checkpoint is written into `.step_000100.tmp/` and renamed when complete, so a
 folder named step_* is always whole; keep_last prunes the oldest. A DCP checkpoint reshards on load, so a
 run saved at world size 2 resumes at world size 1 (and the reverse).
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -28,6 +31,7 @@ import torch.nn as nn
 
 from ember.common import artifacts, dist
 from ember.common.checkpoint import MODEL_FILE, load_state, save_model, save_state
+from ember.common.errors import UserError
 
 STEP_RE = re.compile(r"^step_(\d{6,})$")
 
@@ -146,6 +150,51 @@ def save(stage_dir: str | Path, step: int, model: nn.Module, optimizer, model_co
     return final
 
 
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's index holds dataclasses of torch.distributed.checkpoint, torch.Size, dtypes and layouts; any other
+    global in the pickle (os.system, ...) is refused."""
+    ALLOWED = {"torch.distributed.checkpoint.metadata": "classes", "torch.distributed.checkpoint.filesystem":
+               {"_StorageInfo"}, "torch.serialization": {"_get_layout"}, "pathlib": {"PosixPath", "PurePosixPath"}}
+
+    def find_class(self, module, name):
+        if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
+            return getattr(torch, name)
+        allowed = self.ALLOWED.get(module, ())
+        if allowed == "classes" or name in allowed:
+            obj = super().find_class(module, name)
+            if allowed != "classes" or isinstance(obj, type):
+                return obj
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a DCP checkpoint index")
+
+
+def _check_dcp(folder: Path) -> None:
+    """Unpickle the index with _MetadataUnpickler before DCP does (with plain pickle)."""
+    for index in sorted(folder.glob("*.metadata")) or [folder / ".metadata"]:
+        try:
+            with open(index, "rb") as f:
+                _MetadataUnpickler(f).load()
+        except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as e:
+            raise UserError(f"{index}: not a checkpoint index ember can trust ({e}). Delete this checkpoint "
+                            f"folder ({folder.parent}) to start over, or resume from another step_*.") from None
+
+
+def _safe_load_planner():
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class SafeLoadPlanner(DefaultLoadPlanner):
+        """Non-tensor values (optimizer hyperparameters) with weights_only=True, not DCP's plain unpickling."""
+
+        def load_bytes(self, read_item, value):
+            obj = torch.load(value, weights_only=True)
+            if self.flatten_state_dict:
+                from torch.distributed.checkpoint._traverse import set_element
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = obj
+
+    return SafeLoadPlanner()
+
+
 def load(folder: str | Path, model: nn.Module, optimizer, restore_rng: bool = True) -> dict:
     """Restore model and optimizer (any wrapping, any world size) from a checkpoint; returns its metadata
     ({"step", "world_size", "sharded", "state", ...}). RNG comes back when the world size is unchanged."""
@@ -158,9 +207,10 @@ def load(folder: str | Path, model: nn.Module, optimizer, restore_rng: bool = Tr
 
         msd, osd = _state_dicts(model, optimizer, full=False)  # templates to load into, laid out like this run
         box = {"model": msd, "optim": osd}
+        _check_dcp(folder / "dcp")
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.filterwarnings("ignore", message=".*load in a single process")
-            dcp.load(box, checkpoint_id=str(folder / "dcp"))
+            dcp.load(box, checkpoint_id=str(folder / "dcp"), planner=_safe_load_planner())
         set_state_dict(model, optimizer, model_state_dict=box["model"], optim_state_dict=box["optim"])
     else:
         msd = load_state(folder / MODEL_FILE)[0]
