@@ -84,6 +84,14 @@ def test_mismatched_files_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="holds a 'ember.scalar' model, not an ember language model"):
         load_model(tmp_path / "scalar.safetensors")
 
+    # a config claiming a size its tensors do not have is refused before anything is allocated
+    for claim, message in (({"vocab_size": 10 ** 11}, r"wrong shape.*tok_emb.weight"),
+                           ({"n_layer": 10 ** 6}, "config says 1000000 layers but its tensors hold 2")):
+        huge = {**config, "config": json.dumps({**vars(model.config), **claim})}
+        save_file(state, str(tmp_path / "huge.safetensors"), metadata=huge)
+        with pytest.raises(UserError, match=message):
+            load_model(tmp_path / "huge.safetensors")
+
     newer = {**config, "config": json.dumps({**vars(model.config), "n_layr": 3})}
     save_file(state, str(tmp_path / "newer.safetensors"), metadata=newer)
     with pytest.raises(UserError, match="unknown config key 'n_layr'.*newer.safetensors"):

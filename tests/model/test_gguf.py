@@ -143,6 +143,20 @@ def test_unsupported_and_corrupt(tmp_path):
         load_gguf(tmp_path / "junk.gguf")
 
 
+def test_hostile_headers_are_refused_before_building(tmp_path, tokenizer, monkeypatch):
+    """Header values the tensors do not back (a million layers, a missing size) are UserErrors, raised before
+    any model is built (the header is read by the real reader, then altered)."""
+    import ember.model.gguf as G
+
+    meta, tensors = read_gguf(export_gguf(random_model(320), tmp_path / "m.gguf", tokenizer))
+    for change, message in (({"llama.block_count": 10 ** 6}, "config says 1000000 layers but its tensors hold 2"),
+                            ({"llama.embedding_length": None}, "llama metadata .* missing or malformed"),
+                            ({"llama.attention.head_count": "x"}, "missing or malformed")):
+        monkeypatch.setattr(G, "read_gguf", lambda path, m={**meta, **change}: (m, tensors))
+        with pytest.raises(UserError, match=message):
+            load_gguf(tmp_path / "m.gguf")
+
+
 SMOLLM2 = Path(os.environ.get("EMBER_SMOLLM2_GGUF", Path(__file__).resolve().parents[3] / "shared" / "datasets" /
                               "models" / "smollm2-135m-instruct-q4_1" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
 

@@ -176,10 +176,27 @@ def test_import_errors_name_the_folder_and_problem(tmp_path):
     with pytest.raises(UserError, match="model_type 'gpt2' is not supported"):
         import_hf(out)
     cfg_path.write_text(json.dumps({**cfg, "num_hidden_layers": 3}))
-    with pytest.raises(UserError, match="missing.*model.layers.2"):
+    with pytest.raises(UserError, match="config says 3 layers but its tensors hold 2"):
         import_hf(out)
+    for bad in ({"num_attention_heads": 0}, {"hidden_size": "32"}, {"rope_parameters": [1]}):
+        cfg_path.write_text(json.dumps({**cfg, **bad}))
+        with pytest.raises(UserError, match="not a usable HF config"):
+            import_hf(out)
     cfg_path.write_text(json.dumps({**cfg, "intermediate_size": 100}))
     with pytest.raises(UserError, match="shape"):
         import_hf(out)
     with pytest.raises(UserError, match="no config.json"):
         import_hf(tmp_path)
+
+
+def test_import_keeps_to_the_folder(tmp_path):
+    """Shard names in model.safetensors.index.json come from the file: one pointing outside is refused."""
+    out = export_hf(build_model(GPTConfig(**TINY)), tmp_path / "hf")
+    (out / "model.safetensors").rename(tmp_path / "outside.safetensors")
+    index = out / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"model.norm.weight": "../outside.safetensors"}}))
+    with pytest.raises(UserError, match="shard '../outside.safetensors' lies outside"):
+        import_hf(out)
+    index.write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(UserError, match="not a safetensors index"):
+        import_hf(out)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -87,11 +88,27 @@ def load_model(path_or_dir: str | Path, device: torch.device | str = "cpu", dtyp
         raise UserError(f"checkpoint {path} has no ember model config in its metadata, so it was not written by "
                         f"ember's save_model (a Hugging Face folder? use ember.model.hf.import_hf).")
     config = from_dict(GPTConfig, meta["config"], where=f"the config stored in {path}")
-    model = build_model(config, device, init=False)
+    check_layer_count(config, tensors, path)
+    model = build_model(config, "meta", init=False)  # shapes first: a config may claim any size
+    _check_fit(model, tensors, path)
+    model.to_empty(device=device)
     if "tok_emb.weight" in tensors:
         model.to(dtype or tensors["tok_emb.weight"].dtype)
-    _load_tensors(model, tensors, path)
+    model.load_state_dict(tensors)
     return model
+
+
+_LAYER = re.compile(r"(?:^|\.)(?:layers|blk)\.(\d+)\.")
+
+
+def check_layer_count(config, names, path) -> None:
+    """A config's n_layer against the blocks a file's tensor names cover (ember/HF "layers.N.", GGUF "blk.N."),
+    before anything is built: a header claiming a million layers would otherwise build a million blocks."""
+    ids = {int(m.group(1)) for n in names if (m := _LAYER.search(n))}
+    have = max(ids) + 1 if ids else 0
+    if have != config.n_layer:
+        raise UserError(f"{path}: its config says {config.n_layer} layers but its tensors hold {have}; the file is "
+                        f"damaged or not what it claims to be. Re-export it from the model it came from.")
 
 
 def load_weights(model, path_or_dir: str | Path) -> None:
@@ -110,6 +127,12 @@ def load_weights(model, path_or_dir: str | Path) -> None:
 
 
 def _load_tensors(model, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    _check_fit(model, tensors, path)
+    model.load_state_dict(tensors)
+
+
+def _check_fit(model, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Every name and shape of the model (on any device, meta included) found in the file, and no more."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in tensors]
     unexpected = [k for k in tensors if k not in expected]
@@ -120,4 +143,3 @@ def _load_tensors(model, tensors: dict[str, torch.Tensor], path: Path) -> None:
                  (("missing", missing), ("unexpected", unexpected), ("wrong shape (file vs model)", shapes)) if items]
         raise UserError(f"checkpoint {path} does not fit the model: {'; '.join(parts)}. Load it with the config "
                         f"it was saved with (load_model reads it from the file), or pick the matching checkpoint.")
-    model.load_state_dict(tensors)

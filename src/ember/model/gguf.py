@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ember.common import artifacts
+from ember.common.checkpoint import check_layer_count
 from ember.common.errors import UserError
 from ember.model.gpt import GPT, GPTConfig, build_model
 from ember.model.llama2c import Llama2cTokenizer, hf_to_meta, meta_to_hf
@@ -178,15 +179,20 @@ def load_gguf(path: str | Path, device: torch.device | str = "cpu"):
         raise UserError(f"{path}: architecture {arch!r}; ember reads llama GGUFs only")
     get = lambda k, default=None: meta.get(f"llama.{k}", default)
     f32 = lambda x: float(f"{float(x):.7g}")  # GGUF stores floats in fp32: 1e-6 comes back 9.99999997e-07
-    n_embd, n_head = int(get("embedding_length")), int(get("attention.head_count"))
-    emb = tensors["token_embd.weight"]
-    config = GPTConfig(vocab_size=emb.shape[0], n_layer=int(get("block_count")), n_head=n_head,
-                       n_kv_head=int(get("attention.head_count_kv", n_head)), n_embd=n_embd,
-                       ffn_hidden=int(get("feed_forward_length")), max_seq_len=int(get("context_length", 2048)),
-                       rope_theta=f32(get("rope.freq_base", 10000.0)),
-                       norm_eps=f32(get("attention.layer_norm_rms_epsilon", 1e-5)),
-                       tie_embeddings="output.weight" not in tensors)
-    model = build_model(config, device, init=False)
+    try:
+        n_embd, n_head = int(get("embedding_length")), int(get("attention.head_count"))
+        emb = tensors["token_embd.weight"]
+        config = GPTConfig(vocab_size=emb.shape[0], n_layer=int(get("block_count")), n_head=n_head,
+                           n_kv_head=int(get("attention.head_count_kv", n_head)), n_embd=n_embd,
+                           ffn_hidden=int(get("feed_forward_length")), max_seq_len=int(get("context_length", 2048)),
+                           rope_theta=f32(get("rope.freq_base", 10000.0)),
+                           norm_eps=f32(get("attention.layer_norm_rms_epsilon", 1e-5)),
+                           tie_embeddings="output.weight" not in tensors)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+        raise UserError(f"{path}: llama metadata or token_embd.weight missing or malformed ({e!r}); not a plain "
+                        f"llama GGUF") from None
+    check_layer_count(config, tensors, path)
+    model = build_model(config, "meta", init=False)  # shapes first: the header may claim any size
     state = {}
     for name, ref in model.state_dict().items():
         g = gguf_name(name)
@@ -200,6 +206,7 @@ def load_gguf(path: str | Path, device: torch.device | str = "cpu"):
         if t.shape != ref.shape:
             raise UserError(f"{path}: {g} has shape {tuple(t.shape)}, the metadata implies {tuple(ref.shape)}")
         state[name] = t
+    model.to_empty(device=device)
     model.load_state_dict(state)
     return model.eval(), gguf_tokenizer(meta)
 

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from ember.common import artifacts
-from ember.common.checkpoint import load_state
+from ember.common.checkpoint import check_layer_count, load_state
 from ember.common.errors import UserError
 from ember.model.gpt import GPT, GPTConfig, build_model
 
@@ -203,8 +203,17 @@ def export_hf(model: GPT, out_dir: str | Path, tokenizer_json: str | Path | None
 def _read_hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
     """model.safetensors, or the shards listed in model.safetensors.index.json (how large models are saved)."""
     index = folder / "model.safetensors.index.json"
-    files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()}) if index.is_file() \
-        else [folder / "model.safetensors"]
+    files = [folder / "model.safetensors"]
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted({folder / f for f in weight_map.values()})
+        except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
+            raise UserError(f"{index}: not a safetensors index (needs a 'weight_map' object of shard file names; "
+                            f"{e!r}). Re-save the model with save_pretrained.") from None
+        for f in files:  # shard names come from the file: they must stay inside the folder
+            if folder.resolve() not in f.resolve().parents:
+                raise UserError(f"{index}: shard {str(f.relative_to(folder))!r} lies outside {folder}; refused.")
     tensors = {}
     for f in files:
         if not f.is_file():
@@ -223,10 +232,11 @@ def import_hf(folder: str | Path, device: torch.device | str = "cpu", dtype: tor
         raise UserError(f"{folder}: no config.json. Pass a folder written by export_hf or save_pretrained.")
     try:
         config = from_hf_config(json.loads(cfg_path.read_text()), str(cfg_path))
-    except (json.JSONDecodeError, KeyError) as e:
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
         raise UserError(f"{cfg_path}: not a usable HF config ({e!r}).") from None
     tensors = _read_hf_tensors(folder)
-    model = build_model(config, device, init=False)
+    check_layer_count(config, tensors, folder)
+    model = build_model(config, "meta", init=False)  # shapes first: config.json may claim any size
     mtype = model_type(config)
     expected = model.state_dict()
     wanted = {hf_name(k, mtype): k for k in expected}
@@ -244,6 +254,6 @@ def import_hf(folder: str | Path, device: torch.device | str = "cpu", dtype: tor
             raise UserError(f"{folder}: {hf_key} has shape {tuple(t.shape)}, config.json implies {tuple(want)}.")
         state[key] = t
     dtype = dtype or tensors[hf_name("tok_emb.weight", mtype)].dtype
-    model.to(dtype)
+    model.to_empty(device=device).to(dtype)
     model.load_state_dict(state)
     return model
