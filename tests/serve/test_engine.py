@@ -218,3 +218,13 @@ def test_a_failing_callback_cancels_only_its_request(tiny):
     while engine.step():
         pass
     assert bad.finish_reason == "cancelled" and good.finish_reason == "length" and len(good.tokens) == 20
+
+
+def test_a_kv_cache_larger_than_memory_is_refused():
+    """max_seq_len shapes no weight, so a checkpoint may claim any context: the cache is sized before allocating."""
+    from ember.model.gpt import GPTConfig, build_model
+
+    model = build_model(GPTConfig(vocab_size=64, n_layer=1, n_head=2, n_kv_head=1, n_embd=16, max_seq_len=2 ** 31 - 1))
+    with pytest.raises(UserError, match=r"KV cache for 8 slots x 2147483647 positions needs 1024.0 GiB.*--context"):
+        Engine(model, n_slots=8)
+    assert Engine(model, n_slots=2, max_len=128).max_len == 128  # serve --context=128

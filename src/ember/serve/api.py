@@ -48,6 +48,7 @@ IGNORED = {"user", "store", "metadata", "service_tier"}  # bookkeeping fields wi
 @dataclasses.dataclass
 class Limits:
     n_slots: int = 8  # sequences decoded together (KV-cache slots)
+    context: int = 0  # positions each slot holds (prompt + answer); 0 = the model's max_seq_len
     max_queue: int = 32  # requests waiting for a slot; more in flight -> 429
     max_prompt_tokens: int = 0  # 0 = the model's context minus one
     max_tokens: int = 512  # largest max_tokens a request may ask for
@@ -215,8 +216,8 @@ def create_app(models: list[Served], limits: Limits | None = None, *, api_key: s
     limits = limits or Limits()
     if not models:
         raise UserError("nothing to serve: give at least one model")
-    engines = {m.name: Engine(m.model, m.tokenizer, n_slots=limits.n_slots, max_queue=limits.max_queue,
-                              stop_ids=m.stop_ids) for m in models}
+    engines = {m.name: Engine(m.model, m.tokenizer, n_slots=limits.n_slots, max_len=limits.context or None,
+                              max_queue=limits.max_queue, stop_ids=m.stop_ids) for m in models}
     served = {m.name: m for m in models}
     created = int(time.time())
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import math
 import queue
 import random
 import threading
@@ -154,6 +155,17 @@ def holdback(text: str, stops: tuple[str, ...]) -> int:
 
 # ---------------------------------------------------------------------------- the cache
 
+def _free_bytes(device: torch.device) -> int | None:
+    """Memory free for new tensors on device (Linux MemAvailable for the CPU), or None when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
 class SlotCache:
     """Preallocated keys/values for n_slots sequences; GPT's Attention calls update() once per layer.
 
@@ -165,6 +177,11 @@ class SlotCache:
     def __init__(self, model: GPT, n_slots: int, max_len: int):
         c, w = model.config, model.tok_emb.weight
         shape = (c.n_layer, n_slots, c.n_kv_head, max_len, c.head_dim)
+        need, free = 2 * math.prod(shape) * w.element_size(), _free_bytes(w.device)
+        if free is not None and need > free // 2:  # the model's config decides max_len: it may claim any size
+            raise UserError(f"the KV cache for {n_slots} slots x {max_len} positions needs {need / 2**30:.1f} GiB, over "
+                            f"half of the {free / 2**30:.1f} GiB free on {w.device}: lower --context (the model allows "
+                            f"{c.max_seq_len}) or --n_slots")
         self.k = torch.zeros(shape, device=w.device, dtype=w.dtype)
         self.v = torch.zeros(shape, device=w.device, dtype=w.dtype)
         self.lengths = [0] * n_slots  # positions filled in each slot

@@ -35,6 +35,7 @@ class Config:
     device: str = "auto"  # cpu, cuda, mps; auto = the best available
     threads: int = 0  # torch CPU threads; 0 = torch's default (1 is fastest for tiny models on a busy machine)
     n_slots: int = 8  # sequences decoded together per model (KV-cache slots; memory = slots x context)
+    context: int = 0  # positions each slot holds (prompt + answer); 0 = the model's max_seq_len
     max_queue: int = 32  # requests waiting for a slot; beyond slots + queue the server answers 429
     max_prompt_tokens: int = 0  # longest prompt accepted; 0 = the model's context minus one
     max_tokens: int = 512  # largest max_tokens a request may ask for (and the chat default cap)
@@ -50,8 +51,9 @@ class Config:
         require(0 <= self.port <= 65535, "port", self.port, "an int in [0, 65535]")
         for name in ("n_slots", "max_tokens", "max_choices", "max_body_bytes"):
             require(getattr(self, name) >= 1, name, getattr(self, name), "an int >= 1")
-        require(self.max_queue >= 0 and self.max_prompt_tokens >= 0 and self.threads >= 0,
-                "max_queue/max_prompt_tokens/threads", (self.max_queue, self.max_prompt_tokens, self.threads), "ints >= 0")
+        require(min(self.max_queue, self.max_prompt_tokens, self.threads, self.context) >= 0,
+                "max_queue/max_prompt_tokens/threads/context",
+                (self.max_queue, self.max_prompt_tokens, self.threads, self.context), "ints >= 0")
         require(self.request_timeout_s > 0 and self.shutdown_timeout_s >= 0, "request_timeout_s/shutdown_timeout_s",
                 (self.request_timeout_s, self.shutdown_timeout_s), "seconds, > 0 and >= 0")
         require(self.log_level in ("debug", "info", "warning", "error"), "log_level", self.log_level,
@@ -103,7 +105,7 @@ def build_app(cfg: Config, models=None):
     from ember.serve.api import Limits, create_app
 
     models = models if models is not None else load_models(cfg)
-    limits = Limits(n_slots=cfg.n_slots, max_queue=cfg.max_queue, max_prompt_tokens=cfg.max_prompt_tokens,
+    limits = Limits(n_slots=cfg.n_slots, context=cfg.context, max_queue=cfg.max_queue, max_prompt_tokens=cfg.max_prompt_tokens,
                     max_tokens=cfg.max_tokens, max_choices=cfg.max_choices, max_body_bytes=cfg.max_body_bytes,
                     request_timeout_s=cfg.request_timeout_s)
     votes = cfg.votes or str(Path(cfg.run) / "serve" / "votes.jsonl")
