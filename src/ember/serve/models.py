@@ -28,6 +28,9 @@ class HFTextTokenizer:
 
     def __init__(self, hf, bos_id: int | None = None, eos_id: int | None = None):
         self.hf, self.vocab_size = hf, hf.get_vocab_size(with_added_tokens=True)
+        # "<|im_end|>" typed in a message is text, not the control token (else a user could end their turn and
+        # open a system one); the chat renderer inserts control tokens by id. As ember's own Tokenizer.
+        hf.encode_special_tokens = True
         self.bos_id, self.eos_id = bos_id, eos_id
         names = ("<|im_end|>", "<|endoftext|>", "<|end|>", "<|eot_id|>", "</s>")
         # in order of preference (eos, then the names'), each once: the first is the end token GGUF export names
