@@ -172,6 +172,30 @@ def test_full_queue_gets_429_and_disconnect_frees_the_slot(kit, tiny):
         assert kit.http("POST", url + "/v1/completions", {"prompt": "b", "max_tokens": 5})[0] == 200
 
 
+def test_a_plain_request_whose_client_left_frees_its_slot(kit, tiny, monkeypatch):
+    """Not streamed: the server notices the closed connection while generating and cancels (it kept the slot
+    until max_tokens before). Each decode step is slowed to 50 ms, so 120 tokens would take 6 s."""
+    import socket
+
+    model, tok = tiny
+    head = model.head  # the engine's decode step ends in it
+    monkeypatch.setattr(model, "head", lambda x: (time.sleep(0.05), head(x))[1])
+    app = create_app([kit.served(model, tok, "tiny")], Limits(n_slots=1, max_queue=0, max_tokens=120))
+    with kit.Server(app) as url:
+        host, port = url.removeprefix("http://").split(":")
+        body = json.dumps({"prompt": "a", "max_tokens": 120, "ignore_eos": True}).encode()
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            deadline = time.monotonic() + 5
+            while not kit.http("GET", url + "/health")[1]["in_flight"]["tiny"] and time.monotonic() < deadline:
+                time.sleep(0.02)
+        t0 = time.monotonic()  # the client is gone
+        while kit.http("GET", url + "/health")[1]["in_flight"]["tiny"] and time.monotonic() - t0 < 5:
+            time.sleep(0.05)
+        assert time.monotonic() - t0 < 3, "the abandoned request kept its slot"
+
+
 def test_request_timeout_is_504(kit, tiny):
     app = create_app([kit.served(*tiny, "tiny")], Limits(request_timeout_s=1e-6, max_tokens=100))
     with kit.Server(app) as url:

@@ -201,6 +201,16 @@ class BodyGuard:
         await self.app(scope, replay, send)
 
 
+async def client_gone(http: HTTPRequest) -> bool:
+    """Has the client closed the connection? Once the body is read the next ASGI message is the disconnect, so
+    wait a moment for one. (Starlette's is_disconnected() missed it here: the message arrives inside the
+    cancelled scope it polls with.)"""
+    try:
+        return (await asyncio.wait_for(http.receive(), timeout=0.01))["type"] == "http.disconnect"
+    except asyncio.TimeoutError:
+        return False
+
+
 async def _send_json(send, status: int, obj: dict) -> None:
     data = json.dumps(obj).encode()
     await send({"type": "http.response.start", "status": status,
@@ -330,8 +340,10 @@ def create_app(models: list[Served], limits: Limits | None = None, *, api_key: s
                            headers={"Retry-After": "1"}) from None
         return reqs
 
-    async def run(engine: Engine, jobs, prompt_tokens: int, stream: bool, make_chunk, make_final, include_usage: bool):
-        """Submit the jobs ((ids, params) per choice) and answer with one JSON body or an SSE stream."""
+    async def run(http: HTTPRequest, engine: Engine, jobs, prompt_tokens: int, stream: bool, make_chunk, make_final,
+                  include_usage: bool):
+        """Submit the jobs ((ids, params) per choice) and answer with one JSON body or an SSE stream. A client
+        that goes away frees its slots: the stream notices at its next write, a plain request within 0.5 s."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         # the finish reason is read in the engine thread when the event is made: only the last event has one
@@ -345,9 +357,17 @@ def create_app(models: list[Served], limits: Limits | None = None, *, api_key: s
         if not stream:
             finished = 0
             try:
+                check_at = loop.time() + 0.5  # tokens arrive far more often than this: poll the client on a clock
                 while finished < len(reqs):
-                    _, _, reason = await q.get()
-                    finished += reason is not None
+                    try:
+                        _, _, reason = await asyncio.wait_for(q.get(), timeout=max(0.0, check_at - loop.time()))
+                        finished += reason is not None
+                    except asyncio.TimeoutError:
+                        pass
+                    if loop.time() >= check_at:
+                        if await client_gone(http):
+                            return JSONResponse({}, status_code=499)  # nobody reads it; finally cancels the work
+                        check_at = loop.time() + 0.5
             finally:
                 for r in reqs:
                     r.cancel()
@@ -386,7 +406,7 @@ def create_app(models: list[Served], limits: Limits | None = None, *, api_key: s
     responses = {k: ERROR_RESPONSES[k] for k in (400, 401, 404, 413, 429, 504)}
 
     @app.post("/v1/completions", responses=responses)
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, http: HTTPRequest):
         m, engine = engine_for(req.model)
         p = req.prompt
         if isinstance(p, str) or (isinstance(p, list) and p and isinstance(p[0], int)):
@@ -413,11 +433,11 @@ def create_app(models: list[Served], limits: Limits | None = None, *, api_key: s
             return {**head, "choices": [{"index": i, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
                                         for i, r in enumerate(reqs)], "usage": usage}
 
-        return await run(engine, jobs, sum(map(len, prompts)), req.stream, chunk, final,
+        return await run(http, engine, jobs, sum(map(len, prompts)), req.stream, chunk, final,
                          bool((req.stream_options or {}).get("include_usage")))
 
     @app.post("/v1/chat/completions", responses=responses)
-    async def chat_completions(req: ChatRequest):
+    async def chat_completions(req: ChatRequest, http: HTTPRequest):
         m, engine = engine_for(req.model)
         if req.n > limits.max_choices:
             raise APIError(400, f"n = {req.n} is over the limit of {limits.max_choices}", param="n")
@@ -443,7 +463,7 @@ def create_app(models: list[Served], limits: Limits | None = None, *, api_key: s
                         "finish_reason": r.finish_reason} for i, r in enumerate(reqs)]
             return {**head, "object": "chat.completion", "choices": choices, "usage": usage}
 
-        return await run(engine, jobs, len(ids), req.stream, chunk, final,
+        return await run(http, engine, jobs, len(ids), req.stream, chunk, final,
                          bool((req.stream_options or {}).get("include_usage")))
 
     @app.post("/api/votes", responses={k: ERROR_RESPONSES[k] for k in (400, 401, 413)})
