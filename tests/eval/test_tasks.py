@@ -115,6 +115,26 @@ def test_mmlu_fewshot_uses_first_dev_items_of_same_subject():
     assert p.count("\nAnswer:") == 6
 
 
+def test_a_separate_pool_item_with_the_same_id_still_counts():
+    """MMLU's dev and test rows are both numbered subject/0, subject/1, ...: test item s/0 gets all 5 dev shots
+    (the exclusion of 'the item itself' only applies when the pool is the eval set)."""
+    class Recorder:
+        def loglikelihood_text(self, pairs):
+            self.contexts = [c for c, _ in pairs]
+            return [(0.0, False)] * len(pairs)
+
+    def q(i):
+        return {"id": f"s/{i}", "subject": "s", "description": "", "context": f"Q{i}\nAnswer:", "choices": ["A", "B"],
+                "gold": 0}
+
+    lm, items = Recorder(), [q(0)]
+    multiple_choice.run(lm, items, [q(i) for i in range(5)], 5, Options(), first_n=True)  # 5 dev rows s/0..s/4
+    assert lm.contexts[0].count("\nAnswer:") == 6  # 5 shots + the question
+    both = [q(0), q(1)]
+    multiple_choice.run(lm, both, both, 5, Options(), first_n=True)  # pool = the eval set: never the item itself
+    assert lm.contexts[0].count("\nAnswer:") == 2 and lm.contexts[0].count("Q0") == 1
+
+
 def test_gsm8k_extraction():
     assert gsm8k.extract_strict("so 5 + 2 = 7\n#### 1,234") == "1234"
     assert gsm8k.extract_flex("She pays $1,050.00 in total.") == "1050"

@@ -66,7 +66,7 @@ def run(lm: EvalLM, items: list[dict], pool: list[dict], shots: int, opts: Optio
     rng = random.Random(opts.seed)
     strict, flex, per_item, samples = [], [], [], []
     for it in items:
-        p = prompt(it, draw_fewshot(pool, shots, rng, exclude=it["id"]))
+        p = prompt(it, draw_fewshot(pool, shots, rng, exclude=it["id"] if pool is items else None))  # as multiple_choice
         out = generate(lm, p, opts.max_new_tokens, STOP, temperature=opts.temperature, top_p=opts.top_p,
                        seed=opts.seed)[0]
         strict.append(float(extract_strict(out) == it["target"]))

@@ -28,9 +28,10 @@ def full_text(item: dict) -> str:
 def run(lm: EvalLM, items: list[dict], pool: list[dict], shots: int, opts: Options, first_n: bool = False) -> Scored:
     rng = random.Random(opts.seed)
     pairs, spans = [], []
-    for it in items:
-        demos = draw_fewshot(pool, shots, rng, exclude=it["id"], group_key="subject" if "subject" in it else None,
-                             group=it.get("subject"), first=first_n)
+    own = pool is items  # the pool is the eval set itself: never show an item as its own example. From another
+    for it in items:     # file (MMLU dev) an equal id is another question: dropping it made the first 5 items 4-shot.
+        demos = draw_fewshot(pool, shots, rng, exclude=it["id"] if own else None,
+                             group_key="subject" if "subject" in it else None, group=it.get("subject"), first=first_n)
         ctx = prompt(it, demos)
         spans.append((len(pairs), len(it["choices"])))
         pairs += [(ctx, " " + c) for c in it["choices"]]
