@@ -3,6 +3,7 @@ whose outputs are known (a uniform model for multiple choice, a scripted one for
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -78,6 +79,16 @@ def test_hellaswag_original_format_fixture():
     assert items[0]["context"] == "Making a sandwich: A man lays two slices of bread on a plate. He"
     assert items[0]["choices"][2] == "starts to. sing loudly."  # " [title]" -> ". " as lm-evaluation-harness
     assert items[1]["choices"][3] == "reads a book."
+
+
+def test_hellaswag_rowanz_rows_with_ctx_too_use_the_split(tmp_path):
+    """Real rowanz rows carry ctx (ctx_a + " " + ctx_b, lowercase) beside ctx_a/ctx_b: lm-eval's prompt
+    capitalizes ctx_b, so ctx_a/ctx_b win; a ctx-only row is used as written."""
+    row = {"ind": 1, "activity_label": "Roofing", "ctx_a": "A man is on a roof.", "ctx_b": "he", "endings": ["a", "b"],
+           "ctx": "A man is on a roof. he", "label": 0}
+    f = tmp_path / "h.jsonl"
+    f.write_text(json.dumps(row) + "\n" + json.dumps({k: v for k, v in row.items() if k not in ("ctx_a", "ctx_b")}) + "\n")
+    assert [it["context"] for it in hellaswag.load(f)] == ["Roofing: A man is on a roof. He", "Roofing: A man is on a roof. he"]
 
 
 def test_multiple_choice_raw_vs_length_normalized_by_hand():

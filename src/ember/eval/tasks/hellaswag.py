@@ -1,8 +1,10 @@
 """HellaSwag (Zellers et al. 2019): pick the most plausible ending of an activity description.
 
-Reads the original rowanz JSONL (`ctx_a`, `ctx_b`, `activity_label`, `endings`, `label`) and the
-lm-eval-preprocessed variant (`ctx` instead of ctx_a/ctx_b), plain or .gz. The query is
-`preprocess(activity_label + ": " + ctx)` and each ending is a choice, exactly as lm-evaluation-harness.
+Reads the original rowanz JSONL (`ctx_a`, `ctx_b`, `activity_label`, `endings`, `label`) and a variant with
+only `ctx` (the datasets folder's copy), plain or .gz. The query is `preprocess(activity_label + ": " + ctx)`
+with ctx = ctx_a + " " + ctx_b.capitalize() and each ending is a choice, as lm-evaluation-harness. A ctx-only
+file cannot say where ctx_b starts, so its ctx is used as written: the fragment after the last sentence stays
+lowercase ("...on a roof. he" where lm-eval has "He"), a small systematic difference from lm-eval's prompt.
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ def load(path: Path) -> list[dict]:
     for i, row in enumerate(read_jsonl(path)):
         where = f"{path}:{i + 1}"
         need(row, ("activity_label", "endings", "label"), where)
-        if "ctx" not in row:  # original format: the context is split in two
-            need(row, ("ctx_a", "ctx_b"), where)
-        ctx = row.get("ctx") or row["ctx_a"] + " " + row["ctx_b"].capitalize()
+        if "ctx_a" in row and "ctx_b" in row:  # rowanz files carry ctx as well, uncapitalized: not that one
+            ctx = row["ctx_a"] + " " + row["ctx_b"].capitalize()
+        else:
+            need(row, ("ctx",), where)
+            ctx = row["ctx"]
         items.append({"id": str(row.get("ind", i)), "context": preprocess(row["activity_label"] + ": " + ctx),
                       "choices": [preprocess(e) for e in row["endings"]], "gold": int(row["label"])})
     return items
