@@ -60,6 +60,7 @@ def test_encode_pair_moves_trailing_space_and_adds_bos(lm):
     assert ctx == [256] + list(b"Question: 2+2") and cont == list(b" 4")
     lm.add_bos = False
     assert lm.encode_pair("", "ab") == ([257], list(b"ab"))  # empty context starts from EOS
+    assert lm.encode_pair("Q:\n\t", "4")[1] == list(b"\n\t4")  # all trailing whitespace moves, as lm-eval
 
 
 def test_text_pairs_and_empty_continuation(lm, bigram):

@@ -45,9 +45,10 @@ class EvalLM:
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """Token ids of (context, continuation), split the way lm-evaluation-harness does.
 
-        Trailing spaces of the context move to the continuation, then the continuation's ids are those that
-        follow the context's ids in the encoding of the concatenation (BPE merges across the boundary)."""
-        n_space = len(context) - len(context.rstrip(" "))
+        Trailing whitespace of the context (spaces, newlines, tabs) moves to the continuation, then the
+        continuation's ids are those that follow the context's ids in the encoding of the concatenation (BPE
+        merges across the boundary)."""
+        n_space = len(context) - len(context.rstrip())
         if n_space:
             context, continuation = context[:-n_space], context[-n_space:] + continuation
         whole = self.tokenizer.encode(context + continuation)
