@@ -148,9 +148,19 @@ def test_a_separate_pool_item_with_the_same_id_still_counts():
 
 def test_gsm8k_extraction():
     assert gsm8k.extract_strict("so 5 + 2 = 7\n#### 1,234") == "1234"
-    assert gsm8k.extract_flex("She pays $1,050.00 in total.") == "1050"
+    # lm-eval's normalization drops ",", "$" and a final "." and compares strings: "1050.00" is not "1050"
+    assert gsm8k.extract_flex("She pays $1,050.00 in total.") == "1050.00"
+    assert gsm8k.extract_flex("so x = -3, and the answer is 18.") == "18"
     assert gsm8k.extract_flex("no number") is None and gsm8k.extract_strict("7") is None
-    assert gsm8k.normalize("3.50") == "3.5"
+    assert gsm8k.normalize("3.50") == "3.50" and gsm8k.normalize("$1,234.") == "1234"
+
+
+def test_mmlu_answer_must_be_one_letter(tmp_path):
+    for bad in ("", "BC"):
+        f = tmp_path / "x_test.csv"
+        f.write_text(f"What?,a,b,c,d,{bad}\n")
+        with pytest.raises(UserError, match=r"x_test.csv:1: expected question,A,B,C,D,answer with answer in A-D"):
+            mmlu.load(f)
 
 
 def test_gsm8k_answer_without_final_number_is_refused(tmp_path):

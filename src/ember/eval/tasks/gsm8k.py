@@ -1,9 +1,11 @@
 """GSM8K (Cobbe et al. 2021): grade-school math word problems, scored by exact match of the final number.
 
 Reads openai/grade-school-math JSONL (`question`, `answer` ending in "#### <number>"). Prompt
-"Question: {q}\\nAnswer:", few-shot examples (from train) with their full worked answers, generation stops
-at a blank line or the next "Question:". Two extractions, as lm-evaluation-harness: `exact_match_strict`
-reads the number after "####", `exact_match_flex` takes the last number in the output.
+"Question: {q}\\nAnswer:", few-shot examples (from train) with their full worked answers. Two extractions with
+lm-evaluation-harness' regexes and normalization (commas, "$" and a final "." dropped, then strings compared:
+"18.00" is not "18"): `exact_match_strict` reads the number after "####", `exact_match_flex` the last number
+of the output. One deviation: generation also stops at a blank line (every few-shot answer ends in one; a
+small model would otherwise ramble to max_new_tokens), besides lm-eval's "Question:".
 """
 
 from __future__ import annotations
@@ -19,20 +21,15 @@ from ember.eval.scoring import EvalLM, generate
 from ember.eval.tasks.common import Options, Scored, Task, draw_fewshot, need, read_jsonl
 
 STOP = ("Question:", "\n\n", "<|end|>", "<|eos|>")
-_STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
-_NUMBER = re.compile(r"-?[$0-9.,]*[0-9]+")
+_STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")  # lm-eval gsm8k.yaml: strict-match
+_NUMBER = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")  # flexible-extract, its last match
 
 
 def normalize(num: str | None) -> str | None:
-    """'$1,234.' -> '1234'; '3.50' -> '3.5' (numbers compare by value, not spelling)."""
+    """lm-eval's exact_match settings (regexes_to_ignore ",", "\\$", "\\.$"): '$1,234.' -> '1234', '3.50' stays."""
     if num is None:
         return None
-    s = num.replace(",", "").replace("$", "").rstrip(".")
-    try:
-        v = float(s)
-    except ValueError:
-        return s
-    return str(int(v)) if v.is_integer() else repr(v)
+    return re.sub(r"\.$", "", num.replace(",", "").replace("$", "")).strip()
 
 
 def extract_strict(text: str) -> str | None:
@@ -41,7 +38,7 @@ def extract_strict(text: str) -> str | None:
 
 
 def extract_flex(text: str) -> str | None:
-    nums = _NUMBER.findall(text)
+    nums = [a or b for a, b in _NUMBER.findall(text)]
     return normalize(nums[-1]) if nums else None
 
 

@@ -30,7 +30,7 @@ def load(path: Path) -> list[dict]:
         desc = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
         with open(f, newline="", encoding="utf-8") as fh:
             for i, row in enumerate(csv.reader(fh)):
-                if len(row) != 6 or row[5].strip() not in LETTERS:
+                if len(row) != 6 or row[5].strip() not in tuple(LETTERS):  # one letter: "" and "BC" are not
                     raise UserError(f"{f}:{i + 1}: expected question,A,B,C,D,answer with answer in A-D, got {row[:1]}..")
                 q, opts, ans = row[0].strip(), row[1:5], row[5].strip()
                 ctx = q + "".join(f"\n{L}. {o}" for L, o in zip(LETTERS, opts)) + "\nAnswer:"
