@@ -1,5 +1,7 @@
-"""The recipe under 2 processes (CPU/gloo): DDP and FSDP2 follow the 1-process run with the same global batch,
-and an FSDP2 (DCP) checkpoint written at world size 2 resumes at world size 1."""
+"""The recipe under 2 processes (CPU/gloo): DDP, FSDP2 and TP follow the 1-process run with the same global
+batch, and an FSDP2 (DCP) checkpoint written at world size 2 resumes at world size 1."""
+
+import dataclasses
 
 import pytest
 import torch
@@ -56,6 +58,23 @@ def test_two_processes_match_one(mode, tmp_path, tokens, single):
         torch.testing.assert_close(v, ref[k], atol=1e-5, rtol=0)
     ckpt = tmp_path / "pretrain" / "step_000003"
     assert (ckpt / "dcp").is_dir() if mode == "fsdp" else (ckpt / "optimizer.safetensors").is_file()
+
+
+def test_tensor_parallel_training_follows_one_process(tmp_path, tokens):
+    """tp=2 on 2 processes (one data-parallel group, FSDP2 over it): the same 4 rows per step as the 1-process
+    run, gradient clipping across the (dp, tp) and dp meshes, and 4 x 32 tokens counted per step, not 2x."""
+    kw = dict(steps=STEPS, batch_size=4, save_every=0, eval_every=0, grad_clip=0.05)  # 0.05: clipping does act
+    model = dataclasses.replace(tiny_config(tmp_path, tokens).model, n_head=2, n_kv_head=2)  # heads split 2 ways
+    torch.set_num_threads(1)
+    train.main(tiny_config(tmp_path / "one", tokens, model=model, **kw))
+    cfg = tiny_config(tmp_path / "tp", tokens, model=model, tp=2, **kw)
+    assert dist.run_distributed(main_on_ranks, 2, cfg) == [0, 1]
+    assert losses(tmp_path / "tp") == pytest.approx(losses(tmp_path / "one"), abs=1e-4)
+    rows = [r for r in read_metrics(tmp_path / "tp" / "pretrain" / "metrics.jsonl") if "loss" in r]
+    assert rows[-1]["tokens"] == STEPS * 4 * cfg.seq_len and rows[0]["grad_norm"] > 0.05
+    ref = weights(tmp_path / "one")
+    for k, v in weights(tmp_path / "tp").items():
+        torch.testing.assert_close(v, ref[k], atol=1e-4, rtol=0)
 
 
 def test_fsdp_checkpoint_resumes_on_one_process(tmp_path, tokens, single):

@@ -221,6 +221,30 @@ def is_sharded(model: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
+def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
+    """The gradients' global L2 norm; scaled down to max_norm when above it (max_norm <= 0: measured only).
+
+    torch's clip_grad_norm_ stacks per-tensor norms, which fails when gradients live on different device
+    meshes, as with TP + FSDP2 (the (dp, tp) mesh for TP layers, the dp mesh for the rest): each mesh's
+    norm is taken whole (full_tensor) and the groups are combined here.
+    """
+    from torch.distributed.tensor import DTensor
+
+    groups: dict = {}
+    for p in model.parameters():
+        if p.grad is not None:
+            groups.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p.grad)
+    if not groups:
+        return 0.0
+    norms = [torch.nn.utils.get_total_norm(gs) for gs in groups.values()]
+    total = torch.linalg.vector_norm(torch.stack([n.full_tensor() if isinstance(n, DTensor) else n for n in norms]))
+    total = float(total)
+    if max_norm > 0 and total > max_norm:  # (a non-finite norm is left to the caller: the step is skipped)
+        for gs in groups.values():
+            torch._foreach_mul_(gs, max_norm / (total + 1e-6))
+    return total
+
+
 def set_grad_sync(model: nn.Module, on: bool) -> None:
     """Gradient accumulation: skip the gradient all-reduce/reduce-scatter on all but the last micro-step."""
     if isinstance(model, nn.parallel.DistributedDataParallel):

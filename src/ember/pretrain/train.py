@@ -92,6 +92,9 @@ class Config:
         require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1/beta2", (self.beta1, self.beta2), "in [0, 1)")
         require(self.grad_clip >= 0 and self.weight_decay >= 0 and self.spike_z >= 0,
                 "grad_clip/weight_decay/spike_z", (self.grad_clip, self.weight_decay, self.spike_z), "floats >= 0")
+        require(self.model.n_kv_head % self.tp == 0 and self.model.n_head % self.tp == 0, "tp", self.tp,
+                f"a divisor of model.n_kv_head = {self.model.n_kv_head} and model.n_head = {self.model.n_head} "
+                f"(tensor parallelism splits attention by head)")
         parse_mix(self.mix)  # fails early on a malformed mixture
 
 
@@ -204,15 +207,15 @@ def main(cfg: Config) -> dict:
     metrics = Metrics(out_dir, tensorboard=cfg.tensorboard, resume=ckpt is not None)
 
     # ---- data
-    micro_tokens = cfg.batch_size * cfg.seq_len * env.world_size
-    batch_tokens = cfg.batch_tokens or micro_tokens
-    if batch_tokens % micro_tokens:
-        raise UserError(f"config field 'batch_tokens' = {batch_tokens} is not a multiple of batch_size * seq_len * "
-                        f"processes = {cfg.batch_size} * {cfg.seq_len} * {env.world_size} = {micro_tokens}")
-    accum = batch_tokens // micro_tokens  # micro-batches per optimizer step on each process
     if env.world_size % cfg.tp:
         raise UserError(f"config field 'tp' = {cfg.tp} does not divide the {env.world_size} processes")
     dp_rank, dp_size = env.rank // cfg.tp, env.world_size // cfg.tp  # TP ranks of one group read the same data
+    micro_tokens = cfg.batch_size * cfg.seq_len * dp_size  # distinct tokens of one micro-step, all processes
+    batch_tokens = cfg.batch_tokens or micro_tokens
+    if batch_tokens % micro_tokens:
+        raise UserError(f"config field 'batch_tokens' = {batch_tokens} is not a multiple of batch_size * seq_len * "
+                        f"data-parallel groups = {cfg.batch_size} * {cfg.seq_len} * {dp_size} = {micro_tokens}")
+    accum = batch_tokens // micro_tokens  # micro-batches per optimizer step on each process
     loader = open_loader([str(p) for p, _ in sources], [w for _, w in sources], cfg.batch_size, cfg.seq_len,
                          seed=cfg.seed, rank=dp_rank, world_size=dp_size)
     vocab = loader.vocab_size
@@ -337,11 +340,9 @@ def main(cfg: Config) -> dict:
         if verdict == "ok":
             if scaler is not None:
                 scaler.unscale_(optimizer)
-            if cfg.grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-                if not math.isfinite(grad_norm) and scaler is None:  # (with fp16 the scaler skips inf steps)
-                    verdict = "nonfinite_grad"
+            grad_norm = dist.clip_grad_norm(model, cfg.grad_clip)  # measured even unclipped: NaN/inf skip the step
+            if not math.isfinite(grad_norm) and scaler is None:  # (with fp16 the scaler skips inf steps)
+                verdict = "nonfinite_grad"
         if verdict == "ok":
             if scaler is not None:
                 scaler.step(optimizer)
@@ -385,17 +386,16 @@ def main(cfg: Config) -> dict:
             print0(step_line(step, cfg.steps, loss=loss_val, lr=lr, dt=dt, **{"tok/s": tps}, mfu=mfu))
             metrics.log(step, tok_per_s=tps, mfu=mfu)
             t_last, tok_last = time.perf_counter(), tokens_seen
+        paused = time.perf_counter()  # evaluation, samples and saves: left out of the next tok/s window
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
             last = evaluate()
             print0(step_line(step, cfg.steps, **last))
             metrics.log(step, **last)
-            t_last = time.perf_counter()
         if (cfg.sample_every and step % cfg.sample_every == 0) or step == cfg.steps:
             samples()
-            t_last = time.perf_counter()
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
             train_state.save(out_dir, step, model, optimizer, mcfg, state(), cfg.keep_last)
-            t_last = time.perf_counter()
+        t_last += time.perf_counter() - paused
 
     # ---- final save
     train_state.save_final(out_dir / "final", model, mcfg)
