@@ -129,3 +129,8 @@ def test_fit_history_drops_oldest_turns(tok):
     text = tok.decode(short)
     assert text.startswith("<|bos|><|system|>s") and text.endswith("last<|end|><|assistant|>")
     assert "question 0" not in text
+    long = chat.fit_history(tok, [{"role": "system", "content": "You are terse."},
+                                  {"role": "user", "content": "word " * 200 + "END"}], 64)
+    text = tok.decode(long)  # the newest message alone is too long: its start goes, the frame stays
+    assert len(long) <= 64 and text.startswith("<|bos|><|system|>You are terse.<|end|><|user|>")
+    assert text.endswith("END<|end|><|assistant|>")

@@ -48,9 +48,25 @@ def fit_history(tok, messages: list[dict], room: int) -> list[int]:
     while True:
         ids, _ = render_chat(tok, msgs, add_generation_prompt=True)
         first = 1 if msgs[0]["role"] == "system" else 0
-        if len(ids) <= room or len(msgs) - first <= 1:
-            return ids[-room:]  # a single over-long turn keeps its end
+        if len(ids) <= room:
+            return ids
+        if len(msgs) - first <= 1:  # one over-long user turn: keep the frame (BOS, system, role tokens) and the
+            return _cut_last_turn(tok, msgs, ids, room)  # end of its text
         del msgs[first:first + 2]  # one user turn and its reply
+
+
+def _cut_last_turn(tok, msgs: list[dict], ids: list[int], room: int) -> list[int]:
+    """ids with the last message's text cut from the left to fit room; what surrounds the text (found by
+    rendering the same conversation with that text empty) is kept whole."""
+    from ember.tokenizer.chat import render_chat
+
+    frame, _ = render_chat(tok, msgs[:-1] + [{**msgs[-1], "content": ""}], add_generation_prompt=True)
+    head = next((i for i, (a, b) in enumerate(zip(frame, ids)) if a != b), len(frame))
+    tail = len(frame) - head  # the text sits between frame[:head] and frame[head:]
+    keep = room - len(frame)
+    if keep < 1:  # not even the frame fits: the end, as a last resort
+        return ids[-room:]
+    return ids[:head] + ids[head:len(ids) - tail][-keep:] + ids[len(ids) - tail:]
 
 
 def reply(model, tok, messages: list[dict], cfg: Config, gen: torch.Generator) -> str:
