@@ -38,6 +38,11 @@ def test_round_trip_edge_cases(tok, text):
     assert tok.decode(tok.encode(text)) == text
 
 
+def test_lone_surrogates_encode_as_the_replacement_character(tok):
+    """JSON "\\ud800" escapes give strings UTF-8 cannot hold: U+FFFD, as tiktoken, not a TypeError."""
+    assert tok.encode("a\ud800b") == tok.encode("a\ufffdb") == tok.encode_batch(["a\ud800b"])[0]
+
+
 def test_round_trip_stdlib_sample(tok):
     """150 stdlib documents (about 2 MB of code and docs) in the corpus stage's spread order."""
     docs = [d["text"] for d, _ in zip(iter_documents("stdlib"), range(150))]

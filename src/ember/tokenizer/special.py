@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 from ember.common.errors import UserError
@@ -71,12 +72,12 @@ class Tokenizer:
         return self.ids[ROLE_TOKENS[role]]
 
     def encode(self, text: str) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=False).ids
+        return self.hf.encode(_no_lone_surrogates(text), add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Many texts at once, in parallel on all cores (tokenizers' Rust thread pool)."""
         batch = getattr(self.hf, "encode_batch_fast", self.hf.encode_batch)  # _fast (no offsets) since 0.21
-        return [e.ids for e in batch(texts, add_special_tokens=False)]
+        return [e.ids for e in batch([_no_lone_surrogates(t) for t in texts], add_special_tokens=False)]
 
     def decode(self, ids) -> str:
         """Ids back to text; special tokens are kept, written as their names ("<|end|>")."""
@@ -125,6 +126,15 @@ class Tokenizer:
             return None
         return tiktoken.Encoding(f"ember-{self.sha256[:12]}", pat_str=SPLIT_PATTERN, mergeable_ranks=ranks,
                                  special_tokens={})
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _no_lone_surrogates(text: str) -> str:
+    """A JSON escape like "\\ud800" gives Python a string no UTF-8 can hold (tokenizers raises TypeError):
+    each such code point becomes U+FFFD, as tiktoken does."""
+    return _LONE_SURROGATE.sub("\ufffd", text) if not text.isascii() else text
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
