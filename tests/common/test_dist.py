@@ -91,6 +91,8 @@ def test_one_process_helpers():
     assert torch.equal(dist.all_reduce_mean(x), x)
     assert dist.broadcast_object({"a": 1}) == {"a": 1}
     assert dist.peak_flops("cpu") > 1e8  # a measured matmul rate; any CPU does > 0.1 GFLOP/s
+    # fp16 matmuls are emulated on most CPUs (~1 GFLOP/s): the MFU denominator is at least fp32's peak
+    assert dist.peak_flops("cpu", torch.float16) >= dist._measured_peak("cpu", torch.float32, torch.get_num_threads())
 
 
 def test_a_bad_or_absent_device_is_a_user_error():

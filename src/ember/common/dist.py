@@ -282,7 +282,10 @@ def peak_flops(device: str = "cpu", dtype: torch.dtype = torch.float32) -> float
         for key, flops in _PEAK_BF16.items():
             if key in name:
                 return flops
-    return _measured_peak(str(dev), dtype, torch.get_num_threads())
+    peak = _measured_peak(str(dev), dtype, torch.get_num_threads())
+    if dtype != torch.float32:  # fp16 on most CPUs is emulated (~1 GFLOP/s here) and autocast may not use it:
+        peak = max(peak, _measured_peak(str(dev), torch.float32, torch.get_num_threads()))  # never over 100%
+    return peak
 
 
 @functools.lru_cache(maxsize=None)
