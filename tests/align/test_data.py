@@ -78,6 +78,22 @@ def test_split_keeps_prompts_together_and_is_stable():
     assert D.split_heldout(list(reversed(recs)), 0.2, seed=0)[1] == list(reversed(val))
 
 
+def test_split_keeps_conversations_together():
+    """OpenAssistant pairs at every depth of one tree share the root prompt; hh-rlhf follow-ups share their first
+    question: all on one side, so held-out prompts were never trained on (60 of 84 leaked before)."""
+    recs = []
+    for t in range(40):
+        root = {"role": "user", "content": f"tree {t}"}
+        recs += [{"prompt": [root], "chosen": "a", "rejected": "b"},
+                 {"prompt": [root, {"role": "assistant", "content": "x"}, {"role": "user", "content": f"more {t}"}],
+                  "chosen": "c", "rejected": "d"}]
+    train, val = D.split_heldout(recs, 0.2, seed=0)
+    assert val and not {D.conversation_key(r["prompt"]) for r in train} & {D.conversation_key(r["prompt"]) for r in val}
+    one = [{"prompt": [{"role": "user", "content": "q"}], "chosen": str(i), "rejected": "b"} for i in range(6)]
+    with pytest.raises(UserError, match="all 6 records come from one conversation"):
+        D.split_heldout(one, 0.1)
+
+
 def test_stdlib_pairs_are_deterministic_and_corrupted():
     a, b = D.stdlib_pairs(50, seed=3), D.stdlib_pairs(50, seed=3)
     assert a == b

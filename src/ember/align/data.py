@@ -110,19 +110,33 @@ def prompt_key(prompt) -> str:
     return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
 
 
+def conversation_key(prompt) -> str:
+    """What ties records to one conversation: its opening user turn. Every pair of an OpenAssistant tree
+    shares the root prompt, and hh-rlhf's follow-ups share their first question; a plain prompt is itself."""
+    if isinstance(prompt, str):
+        return prompt
+    first = next((m for m in prompt if m.get("role") == "user"), prompt[0] if prompt else {})
+    return json.dumps(first, sort_keys=True)
+
+
 def split_heldout(records: list[dict], val_frac: float, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """(train, val) split by a hash of the prompt, so pairs sharing a prompt land on the same side and the
-    split does not change when records are added or reordered. At least one record goes to each side."""
-    def frac(r):
-        h = hashlib.sha256(f"{seed}:{prompt_key(r['prompt'])}".encode()).digest()
+    """(train, val) split by a hash of the conversation's opening turn, so pairs of one conversation (every
+    depth of an OpenAssistant tree, hh-rlhf follow-ups) land on the same side and the split does not change
+    when records are added or reordered. At least one conversation goes to each side."""
+    def frac(key):
+        h = hashlib.sha256(f"{seed}:{key}".encode()).digest()
         return int.from_bytes(h[:8], "big") / 2 ** 64
 
-    train = [r for r in records if frac(r) >= val_frac]
-    val = [r for r in records if frac(r) < val_frac]
-    if val_frac > 0 and (not val or not train) and len(records) >= 2:
-        ordered = sorted(records, key=frac)
-        k = min(max(1, round(val_frac * len(records))), len(records) - 1)
-        val, train = ordered[:k], ordered[k:]
+    keys = {conversation_key(r["prompt"]) for r in records}
+    val_keys = {k for k in keys if frac(k) < val_frac}
+    if val_frac > 0 and len(records) >= 2 and (not val_keys or val_keys == keys):
+        if len(keys) < 2:
+            raise UserError(f"all {len(records)} records come from one conversation, so no held-out split can keep "
+                            f"it out of training: give more data, or val_frac=0")
+        ordered = sorted(keys, key=frac)  # whole conversations, the lowest hashes held out
+        val_keys = set(ordered[:min(max(1, round(val_frac * len(keys))), len(keys) - 1)])
+    train = [r for r in records if conversation_key(r["prompt"]) not in val_keys]
+    val = [r for r in records if conversation_key(r["prompt"]) in val_keys]
     return train, val
 
 
