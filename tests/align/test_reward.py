@@ -64,3 +64,13 @@ def test_config_validation():
         reward.Config(template="jinja")
     with pytest.raises(UserError, match="max_prompt_len"):
         reward.Config(max_len=64, max_prompt_len=64)
+
+
+def test_scalar_head_takes_the_models_dtype():
+    """A bf16 model (e.g. imported from an HF folder saved in bf16) gets a bf16 head, so scoring runs."""
+    from ember.model.gpt import GPTConfig, build_model
+
+    model = build_model(GPTConfig(vocab_size=64, n_layer=1, n_head=2, n_kv_head=1, n_embd=16, max_seq_len=32))
+    model = reward.attach_scalar_head(model.to(torch.bfloat16))
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    assert model(torch.randint(0, 64, (2, 5))).shape == (2, 5, 1)

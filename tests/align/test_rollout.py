@@ -58,3 +58,13 @@ def test_sampling_is_reproducible_with_a_generator(base_run):
 def test_truncate_keeps_prompt_end_and_fits():
     p, r = R.truncate(list(range(10)), list(range(100, 120)), max_len=16, max_prompt_len=6)
     assert p == list(range(4, 10)) and r == list(range(100, 110)) and len(p) + len(r) == 16
+
+
+def test_pair_lengths_fit_the_models_context(capsys):
+    """DPO/reward sequences past max_seq_len would run through RoPE positions the model never trained on."""
+    from ember.model.gpt import GPTConfig, build_model
+
+    model = build_model(GPTConfig(vocab_size=64, n_layer=1, n_head=2, n_kv_head=1, n_embd=16, max_seq_len=64))
+    assert R.fit_context(model, 48, 32, "dpo") == (48, 32)  # fits: unchanged
+    assert R.fit_context(model, 96, 64, "dpo") == (64, 43)  # the prompt keeps its 2/3 share
+    assert "[dpo] max_len 96 is over the model's context of 64 tokens" in capsys.readouterr().out

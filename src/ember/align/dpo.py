@@ -21,8 +21,8 @@ import torch
 
 from ember.align import losses
 from ember.align.data import data_inputs, preference_split
-from ember.align.rollout import (TEMPLATES, PolicyWithReference, begin_stage, collate_pairs, encode_pairs, load_lm,
-                                 token_logps)
+from ember.align.rollout import (TEMPLATES, PolicyWithReference, begin_stage, collate_pairs, encode_pairs, fit_context,
+                                 load_lm, token_logps)
 from ember.common.config import require
 from ember.common.dist import pick_device
 from ember.common.log import Metrics, print0, step_line
@@ -120,14 +120,16 @@ def main(cfg: Config) -> dict:
     tok = load_tokenizer(paths["tokenizer"])
     loss_fn, average = OBJECTIVES[cfg.objective]
 
-    # data
+    # data, cut to the model's context
+    lm = load_lm(paths["model"], device)
+    max_len, max_prompt_len = fit_context(lm, cfg.max_len, cfg.max_prompt_len, "dpo")
     train_pairs, val_pairs = preference_split(cfg.data, cfg.n_pairs, cfg.val_frac, cfg.seed)
-    train = encode_pairs(tok, train_pairs, cfg.template, cfg.max_len, cfg.max_prompt_len)
-    val = encode_pairs(tok, val_pairs, cfg.template, cfg.max_len, cfg.max_prompt_len)
+    train = encode_pairs(tok, train_pairs, cfg.template, max_len, max_prompt_len)
+    val = encode_pairs(tok, val_pairs, cfg.template, max_len, max_prompt_len)
     print0(f"[dpo] {len(train)} train / {len(val)} held-out pairs from {cfg.data}")
 
     # model: policy + reference; the reference's log-probs are fixed, so compute them once
-    pr = PolicyWithReference(load_lm(paths["model"], device), cfg.lora_r, cfg.lora_alpha, cfg.lora_targets)
+    pr = PolicyWithReference(lm, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets)
     policy = pr.model.train()
     with pr.as_reference() as ref:
         ref_train = all_pair_logps(ref, train, tok.pad_id, device, average)

@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from ember.align import losses
 from ember.align.data import data_inputs, preference_split
-from ember.align.rollout import TEMPLATES, SeqBatch, begin_stage, collate_pairs, encode_pairs, load_lm
+from ember.align.rollout import TEMPLATES, SeqBatch, begin_stage, collate_pairs, encode_pairs, fit_context, load_lm
 from ember.common.config import require
 from ember.common.dist import pick_device
 from ember.common.errors import UserError
@@ -76,7 +76,8 @@ def attach_scalar_head(model: nn.Module) -> nn.Module:
     """Swap the LM head for Linear(n_embd, 1) in place: forward(idx) then gives (B, T, 1), one scalar per
     position (works for tied embeddings too: GPT uses lm_head whenever it is set). Init as TRL's RM head."""
     d = model.config.n_embd
-    head = nn.Linear(d, 1, bias=True, device=model.tok_emb.weight.device)
+    w = model.tok_emb.weight
+    head = nn.Linear(d, 1, bias=True, device=w.device, dtype=w.dtype)  # the model's dtype (a bf16 import too)
     nn.init.normal_(head.weight, std=1.0 / math.sqrt(d + 1))
     nn.init.zeros_(head.bias)
     model.lm_head = head
@@ -153,14 +154,16 @@ def main(cfg: Config) -> dict:
     device = pick_device(cfg.device)
     tok = load_tokenizer(paths["tokenizer"])
 
-    # data: pairs -> token ids, split by prompt so held-out prompts are unseen
+    # data: pairs -> token ids within the model's context, split by conversation so held-out ones are unseen
+    lm = load_lm(paths["model"], device)
+    max_len, max_prompt_len = fit_context(lm, cfg.max_len, cfg.max_prompt_len, "reward")
     train_pairs, val_pairs = preference_split(cfg.data, cfg.n_pairs, cfg.val_frac, cfg.seed)
-    train = encode_pairs(tok, train_pairs, cfg.template, cfg.max_len, cfg.max_prompt_len)
-    val = encode_pairs(tok, val_pairs, cfg.template, cfg.max_len, cfg.max_prompt_len)
+    train = encode_pairs(tok, train_pairs, cfg.template, max_len, max_prompt_len)
+    val = encode_pairs(tok, val_pairs, cfg.template, max_len, max_prompt_len)
     print0(f"[reward] {len(train)} train / {len(val)} held-out pairs from {cfg.data}")
 
     # model: the LM with a scalar head
-    model = attach_scalar_head(load_lm(paths["model"], device))
+    model = attach_scalar_head(lm)
     model.train()
     opt = build_adamw(model, cfg.lr, cfg.weight_decay, (0.9, 0.95), device)
     metrics_log = Metrics(run.dir)

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from ember.common.errors import UserError
+from ember.common.log import print0
 
 from ember.tokenizer.chat import render_chat
 
@@ -81,6 +82,18 @@ def collate(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -
         mask[i, len(p) - 1:len(p) + len(r) - 1] = 1.0  # target at t is token t+1: the response starts at len(p)
     plen = torch.tensor([len(p) for p in prompts])
     return SeqBatch(ids, mask, plen, plen + torch.tensor([len(r) for r in responses]))
+
+
+def fit_context(model: nn.Module, max_len: int, max_prompt_len: int, stage: str) -> tuple[int, int]:
+    """(max_len, max_prompt_len) within the model's context: sequences past max_seq_len would run through RoPE
+    positions the model never trained on. Over it, both shrink (the prompt's share kept) and a line says so."""
+    limit = model.config.max_seq_len
+    if max_len <= limit:
+        return max_len, max_prompt_len
+    prompt = max(1, min(limit - 1, round(max_prompt_len * limit / max_len)))
+    print0(f"[{stage}] max_len {max_len} is over the model's context of {limit} tokens: using max_len {limit}, "
+           f"max_prompt_len {prompt}")
+    return limit, prompt
 
 
 def encode_pairs(tok, pairs: list[dict], template: str, max_len: int, max_prompt_len: int):
