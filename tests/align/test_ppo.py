@@ -29,3 +29,18 @@ def test_ppo_needs_a_reward_model(base_run, tmp_path):
 def test_config_validation():
     with pytest.raises(UserError, match="minibatch_size"):
         ppo.Config(rollouts_per_step=4, minibatch_size=8)
+
+
+def test_value_model_starts_on_the_normalized_reward_scale():
+    import torch
+
+    from ember.align.reward import attach_scalar_head
+    from ember.model.gpt import GPTConfig, build_model
+
+    torch.manual_seed(0)
+    rm = attach_scalar_head(build_model(GPTConfig(vocab_size=64, n_layer=1, n_head=2, n_kv_head=1, n_embd=16)))
+    idx = torch.randint(0, 64, (3, 7))
+    with torch.no_grad():
+        raw = rm(idx)
+        ppo.rescale_head(rm, mean=0.4, std=2.5)
+        assert torch.allclose(rm(idx), (raw - 0.4) / 2.5, atol=1e-6)

@@ -114,6 +114,16 @@ def load_prompts(cfg: Config) -> tuple[list, list]:
     return train, val
 
 
+@torch.no_grad()
+def rescale_head(model, mean: float, std: float) -> None:
+    """Make a scalar model (the value model, a copy of the reward model) output (score - mean) / std: the scale of
+    the normalized rewards its returns are made of. Otherwise it starts off by the reward model's own scale, and
+    value clipping lets it catch up only slowly."""
+    head = model.lm_head
+    head.weight.div_(std)
+    head.bias.sub_(mean).div_(std)
+
+
 def select(batch: SeqBatch, idx: torch.Tensor) -> SeqBatch:
     return SeqBatch(batch.ids[idx], batch.mask[idx], batch.prompt_lens[idx], batch.lens[idx])
 
@@ -175,6 +185,7 @@ def main(cfg: Config) -> dict:
                        cfg, device, gen)
         score_mean, score_std = r["scores"].mean().item(), max(r["scores"].std().item(), 1e-3)
         print0(f"[ppo] reward normalization: mean {score_mean:.4f}, std {score_std:.4f} on the initial policy")
+        rescale_head(value_model, score_mean, score_std)  # its values start on the normalized returns' scale
     kl_coef = cfg.kl_coef
     for step in range(1, cfg.steps + 1):
         t0 = time.perf_counter()
