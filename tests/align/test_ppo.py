@@ -44,3 +44,13 @@ def test_value_model_starts_on_the_normalized_reward_scale():
         raw = rm(idx)
         ppo.rescale_head(rm, mean=0.4, std=2.5)
         assert torch.allclose(rm(idx), (raw - 0.4) / 2.5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rel", ["hh-rlhf/harmless-base_test.jsonl.gz", "oasst/oasst_en_100_tree.jsonl",
+                                 "gsm8k/test.jsonl"])
+def test_prompts_from_real_preference_and_task_files(shared_file, rel):
+    """The files reward/dpo (hh-rlhf, OpenAssistant trees) and grpo (GSM8K) read give PPO their prompts too."""
+    train, val = ppo.load_prompts(ppo.Config(data=str(shared_file(rel)), n_prompts=50, n_val=5))
+    assert len(train) == 50 and len(val) == 5
+    for p in train + val:  # chat turns or plain text, never an OpenAssistant node dict
+        assert isinstance(p, str) or all(isinstance(m["content"], str) for m in p)

@@ -30,7 +30,7 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
 # ---------------------------------------------------------------------------- checking records
 
 
-def _check_prompt(prompt, where: str):
+def check_prompt(prompt, where: str):
     ok = isinstance(prompt, str) or (isinstance(prompt, list) and all(
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt))
     if not ok:
@@ -49,7 +49,7 @@ def load_preferences(path: str | Path) -> list[dict]:
         if "message_tree_id" in rec and isinstance(rec.get("prompt"), dict):
             pairs += oasst_pairs(rec["prompt"])
         elif {"prompt", "chosen", "rejected"} <= rec.keys():
-            _check_prompt(rec["prompt"], where)
+            check_prompt(rec["prompt"], where)
             if not (isinstance(rec["chosen"], str) and isinstance(rec["rejected"], str)):
                 raise UserError(f"{where}: 'chosen' and 'rejected' must be strings")
             pairs.append({"prompt": rec["prompt"], "chosen": rec["chosen"], "rejected": rec["rejected"]})
@@ -285,7 +285,7 @@ def load_tasks(path: str | Path) -> list[dict]:
             except ValueError:
                 raise UserError(f"{path}:{i}: GSM8K answer without '#### <number>'") from None
         elif "prompt" in rec and "answer" in rec:
-            _check_prompt(rec["prompt"], f"{path}:{i}")
+            check_prompt(rec["prompt"], f"{path}:{i}")
             tasks.append({"prompt": rec["prompt"], "answer": str(rec["answer"]).strip()})
         else:
             raise UserError(f"{path}:{i}: an RL task needs keys prompt and answer (or GSM8K's question and "

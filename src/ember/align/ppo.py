@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from ember.align import losses
-from ember.align.data import arithmetic_tasks, data_inputs, prompt_key, read_jsonl, stdlib_pairs
+from ember.align.data import (arithmetic_tasks, check_prompt, data_inputs, load_preferences, load_tasks, prompt_key,
+                              read_jsonl, stdlib_pairs)
 from ember.align.reward import last_token_scores, load_scalar_model
 from ember.align.rollout import (TEMPLATES, PolicyWithReference, SeqBatch, begin_stage, collate, prompt_budget, encode_prompt, generate, load_lm,
                                  stop_id, token_logps)
@@ -93,19 +94,27 @@ PRESETS = {
 
 
 def load_prompts(cfg: Config) -> tuple[list, list]:
-    """(train, held-out) prompts: from the synthetic stdlib pairs, the arithmetic generator, or a file's
-    "prompt" fields (preference or task JSONL). Held-out prompts are distinct from training ones."""
+    """(train, held-out) prompts: from the synthetic stdlib pairs, the arithmetic generator, or a file: any
+    preference file `ember reward`/`dpo` read (ours, hh-rlhf, OpenAssistant trees: the prompt of each pair), a
+    task file `ember grpo` reads (ours, GSM8K), or {"prompt"} records. Held-out prompts differ from training's."""
     if cfg.data == "stdlib":
         prompts = [p["prompt"] for p in stdlib_pairs(cfg.n_prompts + cfg.n_val, cfg.seed)]
     elif cfg.data == "arithmetic":
         prompts = [t["prompt"] for t in arithmetic_tasks(cfg.n_prompts + cfg.n_val, cfg.seed)]
     else:
-        prompts = []
-        for i, rec in read_jsonl(cfg.data):
-            if "prompt" not in rec:
-                raise UserError(f"{cfg.data}:{i}: PPO reads the 'prompt' field of each record; this one has "
-                                f"{', '.join(sorted(rec)) or 'none'}")
-            prompts.append(rec["prompt"])
+        first = next(read_jsonl(cfg.data), (0, {}))[1]
+        if "answer" in first:
+            prompts = [t["prompt"] for t in load_tasks(cfg.data)]
+        elif "chosen" in first or "message_tree_id" in first:
+            prompts = [p["prompt"] for p in load_preferences(cfg.data)]
+        else:
+            prompts = []
+            for i, rec in read_jsonl(cfg.data):
+                if "prompt" not in rec:
+                    raise UserError(f"{cfg.data}:{i}: PPO reads prompts from preference, task or {{\"prompt\"}} "
+                                    f"records; this one has {', '.join(sorted(rec)) or 'none'}")
+                check_prompt(rec["prompt"], f"{cfg.data}:{i}")
+                prompts.append(rec["prompt"])
     unique = list({prompt_key(p): p for p in prompts}.values())
     random.Random(cfg.seed).shuffle(unique)
     val, train = unique[:cfg.n_val], unique[cfg.n_val:cfg.n_val + cfg.n_prompts]
