@@ -52,6 +52,16 @@ def test_scalar_model_file_errors(tmp_path, base_run):
         reward.load_scalar_model(base_run[0] / "sft" / "final" / "model.safetensors", "cpu")
 
 
+def test_a_reward_model_is_used_with_its_own_template_and_tokenizer(reward_run):
+    run, _ = reward_run
+    final = run / "reward" / "final"
+    assert reward.load_scalar_model(final, "cpu", template="chat") is not None
+    with pytest.raises(UserError, match="trained with template 'chat', this stage uses 'raw'"):
+        reward.load_scalar_model(final, "cpu", template="raw")
+    with pytest.raises(UserError, match="trained with tokenizer_sha256"):
+        reward.load_scalar_model(final, "cpu", tokenizer_sha256="0" * 64)
+
+
 def test_finished_run_is_cached(reward_run):
     run, m = reward_run
     again = reward.main(reward.Config(run=str(run), n_pairs=400, steps=60, batch_size=16, lr=1e-3, max_len=128,

@@ -171,8 +171,8 @@ def main(cfg: Config) -> dict:
 
     # models: policy (+ reference), frozen reward model, value model initialized from the reward model
     pr = PolicyWithReference(load_lm(paths["model"], device), cfg.lora_r, cfg.lora_alpha, cfg.lora_targets)
-    reward_model = load_scalar_model(rm_dir, device).requires_grad_(False).eval()
-    value_model = load_scalar_model(rm_dir, device).train()
+    reward_model = load_scalar_model(rm_dir, device, cfg.template, tok.sha256).requires_grad_(False).eval()
+    value_model = load_scalar_model(rm_dir, device, cfg.template, tok.sha256).train()
     opt = build_adamw(pr.model, cfg.lr, 0.0, (0.9, 0.95), device)
     value_opt = build_adamw(value_model, cfg.value_lr, 0.0, (0.9, 0.95), device)
     metrics_log = Metrics(run.dir)

@@ -100,8 +100,11 @@ def save_scalar_model(folder: str | Path, model: nn.Module, **info) -> Path:
     return path
 
 
-def load_scalar_model(folder: str | Path, device) -> nn.Module:
-    from ember.common.checkpoint import load_state
+def load_scalar_model(folder: str | Path, device, template: str | None = None,
+                      tokenizer_sha256: str | None = None) -> nn.Module:
+    """A model saved by save_scalar_model. Given the template and tokenizer hash of the stage that will use
+    it, a reward model trained with others is refused (it would score sequences it never learned to read)."""
+    from ember.common.checkpoint import check_layer_count, load_state
     from ember.common.config import from_dict
     from ember.model.gpt import GPTConfig, build_model
 
@@ -112,11 +115,18 @@ def load_scalar_model(folder: str | Path, device) -> nn.Module:
     tensors, meta = load_state(path, device)
     if meta.get("format") != SCALAR_FORMAT or not isinstance(meta.get("config"), dict):
         raise UserError(f"{path} is not a scalar (reward/value) model written by `ember reward`; rerun it")
-    model = attach_scalar_head(build_model(from_dict(GPTConfig, meta["config"], where=str(path)), device, init=False))
-    try:
-        model.load_state_dict(tensors, strict=True)
-    except RuntimeError as e:
-        raise UserError(f"{path}: weights do not match its config ({str(e)[:200]}); rerun `ember reward`") from None
+    for name, want in (("template", template), ("tokenizer_sha256", tokenizer_sha256)):
+        if want is not None and meta.get(name) not in (None, want):
+            raise UserError(f"{path}: the reward model was trained with {name} {meta[name]!r}, this stage uses "
+                            f"{want!r}; train a reward model with the same template and tokenizer")
+    config = from_dict(GPTConfig, meta["config"], where=str(path))
+    check_layer_count(config, tensors, path)
+    model = attach_scalar_head(build_model(config, "meta", init=False))  # shapes checked before allocating
+    bad = [k for k, v in model.state_dict().items() if k not in tensors or tensors[k].shape != v.shape]
+    if bad or len(tensors) != len(model.state_dict()):
+        raise UserError(f"{path}: weights do not match its config (e.g. {bad[:3]}); rerun `ember reward`")
+    model.to_empty(device=device)
+    model.load_state_dict(tensors, strict=True)
     return model
 
 
