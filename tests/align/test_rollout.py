@@ -57,7 +57,9 @@ def test_sampling_is_reproducible_with_a_generator(base_run):
 
 def test_truncate_keeps_prompt_end_and_fits():
     p, r = R.truncate(list(range(10)), list(range(100, 120)), max_len=16, max_prompt_len=6)
-    assert p == list(range(4, 10)) and r == list(range(100, 110)) and len(p) + len(r) == 16
+    # the prompt's end, with its first token (BOS) kept in front; the response fills the rest
+    assert p == [0, 5, 6, 7, 8, 9] and r == list(range(100, 110)) and len(p) + len(r) == 16
+    assert R.keep_end([0, 1, 2], 5) == [0, 1, 2] and R.keep_end([0, 1, 2], 1) == [2]
 
 
 def test_pair_lengths_fit_the_models_context(capsys):

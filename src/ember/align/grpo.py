@@ -22,7 +22,7 @@ import torch
 from ember.align import losses
 from ember.align.data import arithmetic_tasks, data_inputs, exact_match, load_tasks, prompt_key
 from ember.align.rollout import (TEMPLATES, PolicyWithReference, begin_stage, collate, decode_response, encode_prompt,
-                                 generate, load_lm, prompt_budget, stop_id, token_logps)
+                                 generate, keep_end, load_lm, prompt_budget, stop_id, token_logps)
 from ember.common.config import require
 from ember.common.dist import pick_device
 from ember.common.errors import UserError
@@ -109,7 +109,7 @@ def split_tasks(cfg: Config) -> tuple[list[dict], list[dict]]:
 def accuracy(model, tok, tasks: list[dict], cfg: Config, device) -> float:
     """Share of tasks whose greedy reply has the exact answer."""
     keep = prompt_budget(model, cfg.max_prompt_len, cfg.max_new_tokens)
-    prompts = [encode_prompt(tok, t["prompt"], cfg.template)[-keep:] for t in tasks]
+    prompts = [keep_end(encode_prompt(tok, t["prompt"], cfg.template), keep) for t in tasks]
     replies = generate(model, prompts, cfg.max_new_tokens, stop_id(tok, cfg.template), temperature=0.0)
     return sum(exact_match(decode_response(tok, r, cfg.template), t["answer"]) for r, t in zip(replies, tasks)) / len(tasks)
 
@@ -145,7 +145,7 @@ def main(cfg: Config) -> dict:
         t0 = time.perf_counter()
         # rollouts: G replies per prompt, groups contiguous
         tasks = rng.sample(train, min(cfg.prompts_per_step, len(train)))
-        prompts = [encode_prompt(tok, t["prompt"], cfg.template)[-keep:] for t in tasks]
+        prompts = [keep_end(encode_prompt(tok, t["prompt"], cfg.template), keep) for t in tasks]
         prompts = [p for p in prompts for _ in range(cfg.group_size)]
         replies = generate(policy, prompts, cfg.max_new_tokens, stop, cfg.temperature, cfg.top_k, generator=gen)
         answers = [t["answer"] for t in tasks for _ in range(cfg.group_size)]

@@ -25,8 +25,8 @@ from ember.align import losses
 from ember.align.data import (arithmetic_tasks, check_prompt, data_inputs, load_preferences, load_tasks, prompt_key,
                               read_jsonl, stdlib_pairs)
 from ember.align.reward import last_token_scores, load_scalar_model
-from ember.align.rollout import (TEMPLATES, PolicyWithReference, SeqBatch, begin_stage, collate, prompt_budget, encode_prompt, generate, load_lm,
-                                 stop_id, token_logps)
+from ember.align.rollout import (TEMPLATES, PolicyWithReference, SeqBatch, begin_stage, collate, encode_prompt, generate,
+                                 keep_end, load_lm, prompt_budget, stop_id, token_logps)
 from ember.common.config import require
 from ember.common.dist import pick_device
 from ember.common.errors import UserError
@@ -142,7 +142,7 @@ def rollout(pr, reward_model, tok, prompts: list, cfg: Config, device, generator
     raw scores and which replies never stopped."""
     stop = stop_id(tok, cfg.template)
     keep = prompt_budget(pr.model, cfg.max_prompt_len, cfg.max_new_tokens)
-    ids = [encode_prompt(tok, p, cfg.template)[-keep:] for p in prompts]
+    ids = [keep_end(encode_prompt(tok, p, cfg.template), keep) for p in prompts]
     replies = generate(pr.model, ids, cfg.max_new_tokens, stop, cfg.temperature, cfg.top_k, generator=generator)
     batch = collate(ids, replies, tok.pad_id).to(device)
     with torch.no_grad():

@@ -53,9 +53,17 @@ def decode_response(tok, ids: list[int], template: str) -> str:
     return tok.decode(ids)
 
 
+def keep_end(prompt: list[int], n: int) -> list[int]:
+    """An over-long prompt's last n tokens (the latest turns matter most), its first (BOS) kept in front: every
+    training sequence began with BOS, so a prompt cut without it starts where the model never saw text start."""
+    if len(prompt) <= n:
+        return prompt
+    return prompt[:1] + prompt[len(prompt) - n + 1:] if n > 1 else prompt[-n:]
+
+
 def truncate(prompt: list[int], response: list[int], max_len: int, max_prompt_len: int):
-    """Keep the end of an over-long prompt (the latest turns matter most), then cut the response to fit."""
-    prompt = prompt[-max_prompt_len:]
+    """Keep the end of an over-long prompt (keep_end), then cut the response to fit."""
+    prompt = keep_end(prompt, max_prompt_len)
     return prompt, response[:max(1, max_len - len(prompt))]
 
 
