@@ -88,9 +88,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--depth", type=int, default=6)
     ap.add_argument("--steps", type=int, default=20, help="timed steps per run")
-    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (>= 1: timing starts at the end of one)")
     ap.add_argument("--rounds", type=int, default=2, help="alternate ember, hf this many times; best of each")
     args = ap.parse_args()
+    if args.warmup < 1 or args.steps < 1:
+        ap.error("--warmup and --steps must be >= 1 (the timed window starts when the last warm-up step ends)")
     model_cfg = GPTConfig.from_depth(args.depth, VOCAB, max_seq_len=SEQ)
     model = build_model(model_cfg, "meta", init=False)
     fpt = model.flops_per_token(SEQ)

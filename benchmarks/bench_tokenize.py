@@ -29,7 +29,9 @@ from pathlib import Path
 
 from machine import cpu_name
 
-GPT2_DIR = Path(__file__).resolve().parents[1] / "../shared/datasets/gpt2_tokenizer"
+from ember.common.paths import datasets_dir
+
+GPT2_DIR = datasets_dir() / "gpt2_tokenizer"  # $EMBER_DATASETS, else ../shared/datasets
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""  # tiktoken r50k_base
 
 
