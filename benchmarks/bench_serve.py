@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import http.client
 import json
 import os
@@ -98,7 +99,7 @@ def stream_once(host: str, port: int, n: int, timeout: float) -> tuple[int, floa
         if obj.get("usage"):
             tokens = obj["usage"]["completion_tokens"]
     conn.close()
-    return tokens, ttft or 0.0
+    return tokens, ttft  # None: no text came (counted as missing, not as 0 ms)
 
 
 def load(port: int, concurrency: int, requests: int, n: int) -> tuple[float, float]:
@@ -118,7 +119,8 @@ def load(port: int, concurrency: int, requests: int, n: int) -> tuple[float, flo
     for t in threads:
         t.join(600)
     wall = time.perf_counter() - t0
-    return sum(r[0] for r in results) / wall, statistics.median(r[1] for r in results)
+    ttfts = [r[1] for r in results if r[1] is not None]
+    return sum(r[0] for r in results) / wall, statistics.median(ttfts) if ttfts else float("nan")
 
 
 def start_server(args: list[str], threads: int):
@@ -157,15 +159,20 @@ def main():
             e, h = decode_rate(model, prompt, args.new_tokens, args.repeat, Path(tmp) / name.replace(" ", "_"))
             print(f"| {name} | {e:.0f} | {h:.0f} | {e / h:.2f}x |", flush=True)
 
-        print("\n| model | streams | aggregate tok/s | median TTFT ms |\n|---|---|---|---|")
+        # ember alone: no peer HTTP server (vLLM, llama.cpp's) is installed on this machine to run beside it
+        print("\n| model (ember serve only, no peer) | streams | aggregate tok/s | median TTFT ms |\n|---|---|---|---|")
         for name, (model, bin_path, tok_path) in ms.items():
             if bin_path is None:  # the random model: an ember checkpoint + a small trained tokenizer
                 from ember.common.checkpoint import save_model
                 from ember.tokenizer.train import save, train_tokenizer
 
                 ck = Path(tmp) / "ckpt"
-                save_model(ck, model)
-                save(train_tokenizer([Path(torch.__file__).read_text()] * 2, 1000), Path(tmp) / "tok")
+                tok = train_tokenizer([Path(torch.__file__).read_text()] * 2, 1000)
+                save(tok, Path(tmp) / "tok")
+                # the same shape with the tokenizer's vocabulary: ids past it would decode to no text, and
+                # the first streamed text (TTFT) would wait for a random id under 1000
+                torch.manual_seed(0)
+                save_model(ck, build_model(dataclasses.replace(model.config, vocab_size=tok.vocab_size), "cpu"))
                 server_args = [f"--checkpoint={ck}", f"--tokenizer={Path(tmp) / 'tok' / 'tokenizer.json'}"]
             else:
                 server_args = [f"--checkpoint={bin_path}", f"--tokenizer={tok_path}"]
