@@ -22,9 +22,9 @@ def test_constitution_writes_sft_and_preference_data(run_dir):
         assert roles == ["user", "assistant"] and rec["messages"][1]["content"]
     traces = [r for _, r in read_jsonl(out / "trace.jsonl")]
     assert len(traces) == 6 and all(len(t["rounds"]) == 1 and t["rounds"][0]["critique"] is not None for t in traces)
-    if m["preference_pairs"]:
-        pairs = load_preferences(out / "preferences.jsonl")  # readable by reward/dpo as is
-        assert len(pairs) == m["preference_pairs"] and all(p["chosen"] != p["rejected"] for p in pairs)
+    assert m["preference_pairs"] > 0  # a judge stuck at 0 (no preference) would write none
+    pairs = load_preferences(out / "preferences.jsonl")  # readable by reward/dpo as is
+    assert len(pairs) == m["preference_pairs"] and all(p["chosen"] != p["rejected"] for p in pairs)
 
 
 def test_default_constitution_is_valid():
@@ -48,7 +48,7 @@ def test_judge_score_is_antisymmetric_and_cancels_position_bias(base_run):
     principle = {"name": "p", "critique": "c", "revision": "r", "choice": "Which is better?"}
     s_ab = C.preference_score(model, tok, "Q?", principle, "first answer", "second", 256)
     s_ba = C.preference_score(model, tok, "Q?", principle, "second", "first answer", 256)
-    assert s_ab == pytest.approx(-s_ba, abs=1e-4)
+    assert s_ab == pytest.approx(-s_ba, abs=1e-4) and abs(s_ab) > 1e-3  # a real model has some preference
     # a judge that says "A" whatever it reads (a huge bias on that token) has no preference after debiasing
     head = nn.Linear(model.config.n_embd, model.config.vocab_size, bias=True)
     with torch.no_grad():

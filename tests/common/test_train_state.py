@@ -39,7 +39,11 @@ def test_dcp_round_trip(dcp_checkpoint):
     assert meta["sharded"] and meta["state"] == {"note": "x"}
     for (n, a), b in zip(model.state_dict().items(), other.state_dict().values()):
         assert torch.equal(a, b), n
-    assert other_opt.param_groups[0]["lr"] == opt.param_groups[0]["lr"]  # a non-tensor value, weights_only
+    saved, loaded = opt.state_dict(), other_opt.state_dict()
+    assert loaded["param_groups"] == saved["param_groups"]  # non-tensor values, read with weights_only
+    assert saved["state"] and loaded["state"].keys() == saved["state"].keys()
+    for i, st in saved["state"].items():  # AdamW's step, exp_avg, exp_avg_sq per parameter
+        assert all(torch.equal(st[k], loaded["state"][i][k]) for k in st), i
 
 
 class Payload:

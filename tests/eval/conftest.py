@@ -31,9 +31,11 @@ class Bigram:
     def __init__(self, table: torch.Tensor):
         self.table = table  # (V, V) logits
         self.calls = 0
+        self.longest = 0  # the longest input seen: windowing tests check it stays within max_len
 
     def __call__(self, idx: torch.Tensor) -> torch.Tensor:
         self.calls += 1
+        self.longest = max(self.longest, idx.shape[1])
         return self.table[idx]  # (B, T, V)
 
     def logp(self, prev: int, nxt: int) -> float:

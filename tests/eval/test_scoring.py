@@ -44,6 +44,7 @@ def test_long_context_is_truncated_from_the_left(bigram):
     ctx, cont = list(range(1, 30)), [40, 41]
     (lp, _), = loglikelihood(lm, [(ctx, cont)])
     assert close(lp, hand(bigram, ctx + cont, len(ctx)))  # a bigram only needs the previous token
+    assert bigram.longest <= 8  # the model never saw more than its context (it would accept any length)
 
 
 def test_long_continuation_is_scored_in_windows(bigram):
@@ -51,6 +52,7 @@ def test_long_continuation_is_scored_in_windows(bigram):
     ctx, cont = [256, 5, 6], list(range(10, 40))
     (lp, greedy), (lp2, _) = loglikelihood(lm, [(ctx, cont), (ctx, cont[:4])])
     assert close(lp, hand(bigram, ctx + cont, len(ctx))) and close(lp2, hand(bigram, ctx + cont[:4], len(ctx)))
+    assert bigram.longest <= 8
     with pytest.raises(UserError, match="empty context"):
         loglikelihood(lm, [([], [1, 2])])
 

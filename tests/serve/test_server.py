@@ -63,6 +63,8 @@ def test_streaming_equals_non_streaming_for_a_seed(server, client):
     assert text == client.completions.create(model=name, prompt="The", max_tokens=20, seed=3).choices[0].text
     two = client.completions.create(model=name, prompt="The", max_tokens=20, seed=3, n=2, temperature=1.0)
     assert [c.index for c in two.choices] == [0, 1] and two.choices[0].text == text
+    other = client.completions.create(model=name, prompt="The", max_tokens=20, seed=4, temperature=1.0)
+    assert two.choices[1].text == other.choices[0].text != text  # choice i samples with seed + i
 
 
 def test_stop_strings_over_http(server, client):

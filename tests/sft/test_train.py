@@ -106,8 +106,14 @@ def test_chat_reads_stdin(run_folder, chat_file, monkeypatch):
     cfg = chat.Config(run=str(run_folder), temperature=0.0, max_new_tokens=12, system="Be brief.")
     stdin = io.StringIO("What does len do?\n\n/reset\nSuggest a name for a sorting function.\n/quit\nnot read\n")
     stdout = io.StringIO()
+    seen, real_reply = [], chat.reply  # what each answer was asked with (the real reply still runs)
+    monkeypatch.setattr(chat, "reply", lambda model, tok, messages, *a: (seen.append(list(messages)),
+                                                                         real_reply(model, tok, messages, *a))[1])
     assert chat.main(cfg, stdin=stdin, stdout=stdout) == {"turns": 2}
     assert stdout.getvalue().count("\n") >= 2
+    assert [m["role"] for m in seen[1]] == ["system", "user"]  # /reset forgot the first exchange, kept the system
+    assert seen[1][1]["content"] == "Suggest a name for a sorting function."
+    monkeypatch.setattr(chat, "reply", real_reply)
     # through the `ember chat` command, with sys.stdin a pipe (not a TTY); greedy answers repeat exactly
     outs = []
     for _ in range(2):
