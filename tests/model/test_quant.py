@@ -151,3 +151,25 @@ def test_quantize_model_memory():
     dequantize_nf4_(model)  # back to plain modules, same function, ordinary state-dict keys
     assert set(model.state_dict()) == set(ref.state_dict()) and type(model.lm_head) is nn.Linear
     torch.testing.assert_close(model(idx), want, atol=1e-6, rtol=1e-6)
+
+
+def test_qlora_dequantizes_to_the_autocast_dtype():
+    """Under bf16 autocast the input of q/k/v/gate/up/head is still fp32 (from RMSNorm): the NF4 weight must be
+    rebuilt in bf16 directly, not in fp32 and then cast (3x the temporary memory)."""
+    from ember.model.gpt import GPTConfig, build_model
+    from ember.model.lora import apply_lora
+    from ember.model.quant import quantize_nf4_
+
+    torch.manual_seed(0)
+    model = build_model(GPTConfig(vocab_size=128, n_layer=1, n_head=2, n_kv_head=1, n_embd=64))
+    quantize_nf4_(model)
+    apply_lora(model, ["attn", "mlp"], 4, 8)
+    seen = set()
+    for mod in model.modules():
+        if isinstance(mod, NF4Linear):
+            mod.dequantize = (lambda f: lambda dtype=None: (seen.add(dtype), f(dtype))[1])(mod.dequantize)
+    x = torch.randint(0, 128, (2, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(x, x)
+    loss.backward()
+    assert seen == {torch.bfloat16}

@@ -147,7 +147,11 @@ class _NF4Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, module):
         ctx.module = module
-        return x @ module.dequantize(x.dtype).t()
+        # the compute dtype: under autocast the input is often still fp32 (from RMSNorm); an fp32 weight would
+        # be built and then cast again, 3x the temporary memory of a bf16 one
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        return x.to(dtype) @ module.dequantize(dtype).t()
 
     @staticmethod
     def backward(ctx, grad):
