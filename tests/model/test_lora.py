@@ -121,3 +121,14 @@ def test_qlora_trains_and_merges():
         merge_lora(model)  # adapters merged into the de-quantized base (what training saw)
         assert isinstance(model.layers[0].attn.q_proj, nn.Linear)
         torch.testing.assert_close(model(idx), want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_head_target_on_a_tied_model_is_reported(capsys):
+    """A tied model's head is the embedding, so 'lm_head' adapts nothing: said, not silently skipped."""
+    from ember.model.gpt import GPTConfig, build_model
+    from ember.model.lora import LoRALinear, apply_lora
+
+    model = build_model(GPTConfig(vocab_size=64, n_layer=1, n_head=2, n_kv_head=1, n_embd=16, tie_embeddings=True))
+    apply_lora(model, ["attn", "lm_head"], 4, 8)
+    assert "no layer named lm_head to adapt (this model ties its head to the embedding)" in capsys.readouterr().out
+    assert sum(isinstance(m, LoRALinear) for m in model.modules()) == 4  # q, k, v, o

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from ember.common.errors import UserError
+from ember.common.log import print0
 
 # Target groups by the leaf names in model/gpt.py; a target may also be one leaf name ("q_proj", "lm_head").
 GROUPS = {
@@ -87,14 +88,18 @@ def apply_lora(model: nn.Module, targets=("attn", "mlp"), r: int = 8, alpha: flo
     leaves = resolve_targets(targets)
     for p in model.parameters():
         p.requires_grad_(False)
-    n = 0
+    n, matched = 0, set()
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if name in leaves and not isinstance(child, LoRALinear) and hasattr(child, "in_features"):
                 setattr(module, name, LoRALinear(child, r, alpha, dropout))
-                n += 1
+                n, matched = n + 1, matched | {name}
     if n == 0:
         raise UserError(f"LoRA targets {list(targets)} matched no linear layer of {type(model).__name__}")
+    if missed := sorted(set(leaves) - matched):  # e.g. lm_head of a tied model (the head is the embedding)
+        print0(f"[lora] no layer named {', '.join(missed)} to adapt"
+               + (" (this model ties its head to the embedding)" if getattr(model.config, "tie_embeddings", False)
+                  and "lm_head" in missed else ""))
     return model
 
 
