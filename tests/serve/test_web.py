@@ -66,9 +66,34 @@ def test_chat_stream_and_vote(kit, real_or_tiny, browser, tmp_path):
         browser.save_screenshot(str(tmp_path / "chat.png"))
 
     row = json.loads(votes.read_text().splitlines()[-1])
-    assert (row["a"], row["b"], row["winner"], row["prompt"]) == ("alpha", "beta", "b", "Tell me a story about a cat.")
+    # the page draws which model answers on the left: the vote names whichever it was
+    assert {row["a"], row["b"]} == {"alpha", "beta"} and (row["winner"], row["prompt"]) == ("b", "Tell me a story about a cat.")
     assert (row["answer_a"].strip(), row["answer_b"].strip()) == tuple(s.strip() for s in answers)
     assert row["seed_b"] == row["seed_a"] + 1
     from ember.eval.arena import read_votes
 
     assert read_votes(votes)[-1]["winner"] == "b"  # the arena stage reads what the page wrote
+
+
+def test_a_chat_longer_than_the_context_drops_its_oldest_turns(kit, tiny, browser):
+    """The tiny model holds 128 characters: by the third message the history no longer fits, the server says
+    context_length_exceeded, and the page forgets the oldest exchange and asks again instead of failing."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    model, tok = tiny
+    app = create_app([kit.served(model, tok, "tiny")], Limits(n_slots=2, max_tokens=64))
+    wait = WebDriverWait(browser, 30)
+    with kit.Server(app) as url:
+        browser.get(url + "/")
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#model option")) == 1)
+        browser.find_element(By.CSS_SELECTOR, "#settings summary").click()
+        browser.find_element(By.ID, "max_tokens").send_keys("30")
+        for i in range(4):
+            browser.find_element(By.ID, "prompt").send_keys(f"message number {i}, long enough to fill a context")
+            browser.find_element(By.ID, "send").click()
+            wait.until(lambda d: d.find_element(By.ID, "status").text in ("done",) or d.find_elements(By.CSS_SELECTOR, ".msg.error"))
+            assert not browser.find_elements(By.CSS_SELECTOR, ".msg.error"), browser.find_element(By.ID, "status").text
+        assert len(browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")) == 4
+        history = browser.execute_script("return history")
+        assert len(history) < 8 and history[-2]["content"].startswith("message number 3")  # the oldest went

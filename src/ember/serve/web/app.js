@@ -5,6 +5,7 @@ const $ = (id) => document.getElementById(id);
 let history = [];        // [{role, content}] of the single-model conversation
 let lastCompare = null;  // {a, b, prompt, answer_a, answer_b, seed_a, seed_b, temperature} awaiting a vote
 let busy = false;
+let aborter = new AbortController();  // "new chat" aborts what is still streaming
 
 function headers() {
   const h = { "Content-Type": "application/json" };
@@ -31,25 +32,31 @@ function bubble(role, who, parent) {
 }
 
 function samplingParams() {
-  const p = {
-    temperature: parseFloat($("temperature").value),
-    top_p: parseFloat($("top_p").value),
-    max_tokens: parseInt($("max_tokens").value, 10),
-  };
+  const p = { temperature: parseFloat($("temperature").value), top_p: parseFloat($("top_p").value) };
+  const max = $("max_tokens").value.trim();  // blank: the server gives what the context has room for
+  if (max !== "") p.max_tokens = parseInt(max, 10);
   const seed = $("seed").value.trim();
   if (seed !== "") p.seed = parseInt(seed, 10);
   return p;
+}
+
+function apiError(status, error) {  // an Error carrying the server's OpenAI-style code (e.g. context_length_exceeded)
+  const e = new Error(error && error.message ? error.message : String(status));
+  e.code = error && error.code;
+  e.status = status;
+  if (status === 401) { $("settings").open = true; $("key-row").hidden = false; $("api_key").focus(); }
+  return e;
 }
 
 // POST a streaming chat request; append each delta to `div`; resolve with the full answer text.
 async function streamChat(model, messages, params, div) {
   div.classList.add("streaming");
   const body = JSON.stringify({ model, messages, stream: true, ...params });
-  const res = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body });
+  const res = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body, signal: aborter.signal });
   if (!res.ok) {
-    let msg = res.status + " " + res.statusText;
-    try { msg = (await res.json()).error.message; } catch (e) { /* keep the status line */ }
-    throw new Error(msg);
+    let error = { message: res.status + " " + res.statusText };
+    try { error = (await res.json()).error; } catch (e) { /* keep the status line */ }
+    throw apiError(res.status, error);
   }
   const reader = res.body.getReader();
   const decoder = new TextDecoder();
@@ -67,7 +74,7 @@ async function streamChat(model, messages, params, div) {
       const data = event.slice(6);
       if (data === "[DONE]") { div.classList.remove("streaming"); return text; }
       const obj = JSON.parse(data);
-      if (obj.error) throw new Error(obj.error.message);
+      if (obj.error) throw apiError(200, obj.error);
       const delta = obj.choices && obj.choices[0] && obj.choices[0].delta.content;
       if (delta) {
         text += delta;
@@ -86,14 +93,29 @@ async function send(prompt) {
   bubble("user", "you", null).querySelector(".text").textContent = prompt;
   $("votebar").hidden = true;
   if (!comparing) {
-    history.push({ role: "user", content: prompt });
+    const chat = history;  // "new chat" replaces history: an answer still streaming must not land in the new one
+    chat.push({ role: "user", content: prompt });
     const div = bubble("assistant", $("model").value);
-    const answer = await streamChat($("model").value, history, params, div);
-    history.push({ role: "assistant", content: answer });
-    return;
+    for (;;) {
+      try {
+        const answer = await streamChat($("model").value, chat, params, div);
+        chat.push({ role: "assistant", content: answer });
+        return;
+      } catch (e) {
+        if (e.code === "context_length_exceeded" && chat.length > 2) {  // forget the oldest exchange, retry
+          chat.splice(0, 2);
+          status("the conversation outgrew the model's context: dropped the oldest exchange");
+          continue;
+        }
+        chat.pop();  // a prompt that failed is not resent with the next one
+        throw e;
+      }
+    }
   }
-  // compare: a fresh single-turn question to both sides; the same model twice differs by seed
-  const a = $("model").value, b = $("model-b").value;
+  // compare: a fresh single-turn question to both sides; the same model twice differs by seed. Which model
+  // answers on the left is drawn at random, so a position bias cannot favour one model in the ratings.
+  let a = $("model").value, b = $("model-b").value;
+  if (Math.random() < 0.5) [a, b] = [b, a];
   const base = params.seed !== undefined ? params.seed : Math.floor(Math.random() * 1e9);
   const pa = { ...params, seed: base }, pb = { ...params, seed: base + 1 };
   const row = document.createElement("div");
@@ -108,21 +130,26 @@ async function send(prompt) {
 }
 
 async function vote(winner) {
-  if (!lastCompare) return;
-  const res = await fetch("/api/votes", { method: "POST", headers: headers(),
-                                          body: JSON.stringify({ ...lastCompare, winner }) });
-  if (res.ok) {
-    status("vote recorded: " + winner + " (models revealed: A = " + lastCompare.a + ", B = " + lastCompare.b + ")");
-    lastCompare = null;
-    $("votebar").hidden = true;
-  } else {
-    status("vote failed: " + res.status);
+  const pending = lastCompare;
+  if (!pending) return;
+  lastCompare = null;  // one vote per comparison, however fast the clicks
+  $("votebar").hidden = true;
+  try {
+    const res = await fetch("/api/votes", { method: "POST", headers: headers(),
+                                            body: JSON.stringify({ ...pending, winner }) });
+    if (!res.ok) throw new Error(String(res.status));
+    status("vote recorded: " + winner + " (models revealed: A = " + pending.a + ", B = " + pending.b + ")");
+  } catch (e) {
+    lastCompare = pending;  // let the user try again
+    $("votebar").hidden = false;
+    status("vote failed: " + e.message);
   }
 }
 
 async function loadModels() {
   const info = await (await fetch("/api/info")).json();
   $("key-row").hidden = !info.auth;
+  if (info.auth) $("settings").open = true;  // the key is needed before the first message
   if (info.max_tokens) $("max_tokens").max = info.max_tokens;
   for (const sel of [$("model"), $("model-b")]) {
     sel.innerHTML = "";
@@ -145,6 +172,7 @@ $("form").addEventListener("submit", async (ev) => {
     await send(prompt);
     status("done");
   } catch (e) {
+    if (e.name === "AbortError") { status("stopped"); return; }
     const div = bubble("assistant error", "error");
     div.querySelector(".text").textContent = e.message;
     status("error: " + e.message);
@@ -155,12 +183,19 @@ $("form").addEventListener("submit", async (ev) => {
   }
 });
 $("prompt").addEventListener("keydown", (ev) => {
-  if (ev.key === "Enter" && !ev.shiftKey) { ev.preventDefault(); $("form").requestSubmit(); }
+  if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing) { ev.preventDefault(); $("form").requestSubmit(); }
 });
 $("compare").addEventListener("change", () => {
   document.body.classList.toggle("comparing", $("compare").checked);
   $("votebar").hidden = true;
 });
-$("clear").addEventListener("click", () => { history = []; $("log").innerHTML = ""; $("votebar").hidden = true; });
+$("clear").addEventListener("click", () => {
+  aborter.abort();  // stop what is streaming (the server frees its slot) and start a new conversation
+  aborter = new AbortController();
+  history = [];
+  lastCompare = null;
+  $("log").innerHTML = "";
+  $("votebar").hidden = true;
+});
 document.querySelectorAll("#votebar button").forEach((b) => b.addEventListener("click", () => vote(b.dataset.winner)));
 loadModels().catch((e) => status("cannot reach the server: " + e.message));
