@@ -56,3 +56,29 @@ def test_export_gguf_f16_and_errors(run_dir, tmp_path):
     assert (run / "export" / "model.gguf").is_file() and not (run / "export" / "hf").exists()
     with pytest.raises(UserError, match="no checkpoint"):
         main(Config(run=str(tmp_path)))
+
+
+def test_hf_export_keeps_the_chat_template_and_a_gguf_tokenizer(run_dir, tmp_path):
+    """sft/final holds tokenizer.json but no tokenizer_config.json: the HF folder still gets the chat template.
+    A GGUF carries ember's tokenizer inside: exporting it to HF writes that tokenizer too."""
+    transformers = pytest.importorskip("transformers")
+    import shutil
+
+    run, model, tok = run_dir
+    from ember.common.checkpoint import save_model
+
+    final = tmp_path / "run" / "sft" / "final"
+    save_model(final, model)
+    shutil.copyfile(run / "tokenizer" / "tokenizer.json", final / "tokenizer.json")  # as sft leaves it
+    main(Config(run=str(tmp_path / "run"), checkpoint=str(final), format="both"))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "run" / "export" / "hf")
+    ids = hf_tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                     return_dict=True)["input_ids"]
+    from ember.tokenizer.chat import render_chat
+
+    assert list(ids) == render_chat(tok, [{"role": "user", "content": "hi"}], add_generation_prompt=True)[0]
+
+    gguf = tmp_path / "run" / "export" / "model.gguf"
+    main(Config(run=str(tmp_path / "gguf_run"), checkpoint=str(gguf), format="hf"))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "gguf_run" / "export" / "hf")
+    assert hf_tok("hello world", add_special_tokens=False)["input_ids"] == tok.encode("hello world")

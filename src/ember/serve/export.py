@@ -12,6 +12,7 @@ and anything beyond the dtype's rounding fails the stage.
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -66,8 +67,16 @@ def main(cfg: Config) -> dict:
     if cfg.format in ("hf", "both"):
         from ember.model.hf import export_hf, import_hf
 
-        hf_tok = getattr(tok, "path", None) if hasattr(tok, "role_id") else None  # only ember's tokenizer.json maps to HF files
-        out = export_hf(model, run.dir / "hf", tokenizer_json=hf_tok)
+        from ember.tokenizer.chat import CHAT_TEMPLATE
+
+        ember_tok = hasattr(tok, "role_id")  # only ember's tokenizer.json maps to HF files
+        with tempfile.TemporaryDirectory() as tmp:
+            hf_tok = getattr(tok, "path", None) if ember_tok else None
+            if ember_tok and not (hf_tok and Path(hf_tok).is_file()):  # the one inside a GGUF: write it out
+                hf_tok = Path(tmp) / "tokenizer.json"
+                hf_tok.write_text(tok.hf.to_str())
+            # the chat template always (sft/final has tokenizer.json beside it but no tokenizer_config.json)
+            out = export_hf(model, run.dir / "hf", tokenizer_json=hf_tok, chat_template=CHAT_TEMPLATE if ember_tok else None)
         metrics["hf_max_abs_diff"] = max_abs_diff(import_hf(out).state_dict(), reference)
         if metrics["hf_max_abs_diff"] != 0.0:
             raise UserError(f"export: the HF folder reads back different weights (max diff {metrics['hf_max_abs_diff']})")
