@@ -71,8 +71,11 @@ def test_read_votes_serving_format_and_errors(tmp_path):
     p = tmp_path / "votes.jsonl"
     rows = [{"a": "sft", "b": "base", "winner": "both_bad", "prompt": "hi", "answer_a": "x", "answer_b": "y",
              "seed_a": 1, "seed_b": 2, "temperature": 0.7, "time": "2025-01-01T00:00:00+00:00"}]
-    p.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"a": "x", "b": "y", "winner": "left"}\n')
-    with pytest.raises(UserError, match=r"votes.jsonl: vote 2"):
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows) + '\n{"a": "x", "b": "y", "winner": "left"}\n')
+    with pytest.raises(UserError, match=r"votes.jsonl:3: a vote needs"):  # the file's line, blank lines counted
+        arena.read_votes(p)
+    p.write_bytes(b'{"a": "x", "b": "y", "winner": "a", "prompt": "\xff"}\n')
+    with pytest.raises(UserError, match=r"votes.jsonl:1: not UTF-8 text"):
         arena.read_votes(p)
     p.write_text(json.dumps(rows[0]) + "\n")
     assert arena.read_votes(p)[0]["winner"] == "both_bad"
@@ -80,9 +83,17 @@ def test_read_votes_serving_format_and_errors(tmp_path):
 
 def test_judges_and_battle(lm):
     class Prefers:  # an LM stub whose log-likelihoods favour " A" whatever the order: pure position bias
+        tokenizer, max_len = lm.tokenizer, 4096
+
         def loglikelihood_text(self, pairs):
+            self.contexts = [c for c, _ in pairs]
             return [(0.0 if c == " A" else -1.0, True) for _, c in pairs]
-    assert arena.llm_judge(Prefers())("q", "x", "y") == "tie"
+    stub = Prefers()
+    assert arena.llm_judge(stub)("q", "x", "y") == "tie"
+    stub.max_len = 200  # a small judge: the question and both answers are cut to fit, none is lost
+    arena.llm_judge(stub)("QUESTION " + "q" * 300, "ANSWER-A " + "a" * 300, "ANSWER-B " + "b" * 300)
+    ctx = stub.contexts[0]
+    assert len(lm.tokenizer.encode(ctx)) + 2 <= 200 and all(w in ctx for w in ("QUESTION", "ANSWER-A", "ANSWER-B"))
     assert arena.llm_judge(lm)("q", "x", "y") in ("a", "b", "tie")
     rj = arena.reward_judge(lambda p, a: len(a))
     assert rj("q", "long answer", "short") == "a" and rj("q", "ab", "cd") == "tie"
@@ -115,3 +126,12 @@ def test_stage_judge_battle_with_a_real_model(tmp_path):
     assert m["votes"] == 2 and len(judged) == 2 and {v["judge"] for v in judged} == {"model"}
     # identical models give identical answers, and the order-swapped judge then cannot prefer a side
     assert all(v["answer_a"] == v["answer_b"] and v["winner"] == "tie" for v in judged)
+
+
+def test_battle_prompts_need_no_reference(tmp_path):
+    f = tmp_path / "prompts.jsonl"
+    f.write_text('{"prompt": "What is a cat?"}\n{"instruction": "Name a color."}\n')
+    assert arena.read_prompts(f) == ["What is a cat?", "Name a color."]
+    f.write_text('{"prompt": "ok"}\n{"question": "?"}\n')
+    with pytest.raises(UserError, match=r"prompts.jsonl:2: needs a non-empty string 'prompt'"):
+        arena.read_prompts(f)

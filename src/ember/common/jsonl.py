@@ -19,7 +19,16 @@ def read_jsonl(path: str | Path, missing: str = "pass a .jsonl or .jsonl.gz file
         raise UserError(f"data file {path} not found: {missing}")
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
+        i = 0
+        while True:
+            try:
+                line = f.readline()
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}:{i + 1}: not UTF-8 text ({e.reason} at byte {e.start} of the read block); "
+                                f"save the file as UTF-8") from None
+            if not line:
+                break
+            i += 1
             if not line.strip():
                 continue
             try:

@@ -34,18 +34,31 @@ Judge = Callable[[str, str, str], str]  # (prompt, answer_a, answer_b) -> "a" | 
 
 
 def read_votes(path: str | Path) -> list[dict]:
-    from ember.eval.tasks.common import read_jsonl
+    from ember.common.jsonl import read_jsonl
 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"votes file {path} not found; votes come from `ember serve` (the chat page's compare "
                         f"mode) or from --models with a --judge")
-    votes = read_jsonl(path)
-    for i, v in enumerate(votes, 1):
-        if not (isinstance(v, dict) and isinstance(v.get("a"), str) and isinstance(v.get("b"), str)
-                and v.get("winner") in WINNERS):
-            raise UserError(f"{path}: vote {i}: needs string 'a', 'b' and 'winner' in {WINNERS}, got {str(v)[:120]}")
+    votes = []
+    for line, v in read_jsonl(path):
+        if not (isinstance(v.get("a"), str) and isinstance(v.get("b"), str) and v.get("winner") in WINNERS):
+            raise UserError(f"{path}:{line}: a vote needs string 'a', 'b' and 'winner' in {WINNERS}, got {str(v)[:120]}")
+        votes.append(v)
     return votes
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """The "prompt" (or Alpaca's "instruction") of each record: battles need no reference answers."""
+    from ember.common.jsonl import read_jsonl
+
+    prompts = []
+    for line, rec in read_jsonl(path, missing="pass --prompts=<JSONL with a \"prompt\" per line>"):
+        p = rec.get("prompt", rec.get("instruction"))
+        if not isinstance(p, str) or not p.strip():
+            raise UserError(f"{path}:{line}: needs a non-empty string 'prompt' (or 'instruction')")
+        prompts.append(p)
+    return prompts
 
 
 def _score(v: dict) -> float:
@@ -127,8 +140,18 @@ JUDGE_PROMPT = ("Which answer to the question is more helpful, correct and clear
 
 def llm_judge(lm, template: str = JUDGE_PROMPT) -> Judge:
     """A model as judge: log p(" A") vs log p(" B") after the template, asked in both orders; a verdict that
-    flips with the order (position bias) is a tie."""
+    flips with the order (position bias) is a tie. Question and answers are each cut to a third of what the
+    judge's context leaves (else the scorer keeps only the end, and the judge never sees the question)."""
+    enc = lm.tokenizer.encode
+    room = max(3, lm.max_len - len(enc(template.format(prompt="", a="", b=""))) - 4)  # 4: BOS, " A", slack
+
+    def cut(text: str) -> str:
+        ids = enc(text)
+        return text if len(ids) <= room // 3 else lm.tokenizer.decode(ids[:room // 3])
+
     def judge(prompt: str, a: str, b: str) -> str:
+        if len(enc(prompt)) + len(enc(a)) + len(enc(b)) > room:
+            prompt, a, b = cut(prompt), cut(a), cut(b)
         (la, _), (lb, _), (la2, _), (lb2, _) = lm.loglikelihood_text([
             (template.format(prompt=prompt, a=a, b=b), " A"), (template.format(prompt=prompt, a=a, b=b), " B"),
             (template.format(prompt=prompt, a=b, b=a), " A"), (template.format(prompt=prompt, a=b, b=a), " B")])
@@ -202,9 +225,8 @@ def main(cfg: Config) -> dict:
         return run.metrics
     votes = read_votes(votes_path) if "votes" in inputs else []
     if cfg.models:
-        from ember.eval.tasks import reference
         src = Path(cfg.prompts) if cfg.prompts else datasets_dir() / "alpaca_eval" / "alpaca_eval.jsonl"
-        prompts = [it["prompt"] for it in reference.load(src)]
+        prompts = read_prompts(src)
         prompts = random.Random(cfg.seed).sample(prompts, min(cfg.n_prompts, len(prompts)))
         lms = {m.split("=", 1)[0]: load_lm(m.split("=", 1)[1], tok) for m in cfg.models}
         answer = {n: (lambda p, lm=lm: generate(lm, f"{p}\n\n", cfg.max_new_tokens, ("\n\n",))[0].strip())
@@ -218,6 +240,9 @@ def main(cfg: Config) -> dict:
         ci = f"[{r['ci95'][0]:.0f}, {r['ci95'][1]:.0f}]" if r["ci95"] else "–"
         lines.append(f"| {n} | {r['rating']:.0f} | {ci} | {r['elo']:.0f} | {r['games']} | {r['wins']} | {r['ties']} |")
     self_votes = sum(v["a"] == v["b"] for v in votes)
+    if self_votes == len(votes):
+        print0(f"[arena] all {len(votes)} votes compare a model with itself (one model served, two seeds): they "
+               f"are counted but rate nothing; serve two models (--models) to rate them")
     artifacts.write_json(run.dir / "ratings.json", {"ratings": table, "votes": len(votes), "self_votes": self_votes})
     artifacts.write_text(run.dir / "ratings.md", "# Arena ratings\n\n" + "\n".join(lines) + "\n")
     print0("\n".join(lines))
