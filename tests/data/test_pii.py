@@ -15,6 +15,8 @@ def only(text, kind):
     ("mail bob.smith+news@example.co.uk today", "mail <|EMAIL|> today"),
     ("Written by Marc (mal@lemburg.com).", "Written by Marc (<|EMAIL|>)."),
     ("__author__ = 'Bob <bob@redivi.com>'", "__author__ = 'Bob <<|EMAIL|>>'"),
+    ("Mail John.Smith@Example.Com now", "Mail <|EMAIL|> now"),  # any case, any TLD
+    ("write to jane@startup.ventures", "write to <|EMAIL|>"),
 ])
 def test_emails_replaced(text, expected):
     assert only(text, "email") == (expected, 1)

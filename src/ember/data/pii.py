@@ -44,10 +44,6 @@ _SECRET_SHAPES = [(gate, re.compile(p)) for gate, p in [
 # `api_key = "..."`-style assignments, matched on the lowercased text: only a random-looking value is replaced.
 _SECRET_ASSIGN = re.compile(r"""(?:key|secret|token|passw(?:or)?d)["']?\s*[:=]\s*(["'])([^"'\s]{16,200})\1""")
 _EMAIL_DOMAIN = re.compile(r"@(?:[A-Za-z0-9-]{1,63}\.)+[A-Za-z]{2,24}\b")
-_GENERIC_TLDS = frozenset("""com org net edu gov mil int info biz name pro aero coop museum mobi jobs travel tel asia
-    cat post xxx online site tech store shop blog cloud email space website xyz club top live news art design page
-    agency digital media world today life group company solutions services network systems software studio academy
-    center global international social support zone link click host one wiki dev app""".split())
 _EMAIL_LOCAL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}\Z")  # searched in the 64 characters before "@"
 _CARD = re.compile(r"\d(?:[ -]?\d){12,18}")
 _IPV4 = re.compile(r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}")
@@ -105,16 +101,21 @@ def find_secrets(text: str) -> list[Span]:
     return spans
 
 
-def _email_tld_ok(tld: str) -> bool:
-    """A country code or a common generic TLD, in one case: `q@k.transpose(`, `x@self.weight` (matrix
-    products in code) and `sd_IN@devanagari.UTF-8` (a locale) end in something no address ends in."""
-    return (tld.islower() or tld.isupper()) and (len(tld) == 2 or tld.lower() in _GENERIC_TLDS)
+def _code_not_email(text: str, start: int, end: int) -> bool:
+    """Does the "domain" of an @-match read as code rather than an address? `q@k.transpose(` (a call),
+    `x@self.weight` (an attribute of self), `a@w.mT` (a camelCase attribute), `sd_IN@devanagari.UTF-8` (a
+    locale: a TLD that runs on into "-8"). Real top-level domains are all one case or Title-case (.Com)."""
+    domain = text[start + 1:end]
+    tld = domain.rsplit(".", 1)[1]
+    camel = any(a.islower() and b.isupper() for a, b in zip(tld, tld[1:]))
+    runs_on = text[end:end + 1] == "(" or (text[end:end + 1] == "-" and _word_char(text, end + 1))
+    return camel or runs_on or domain.split(".", 1)[0] == "self"
 
 
 def find_emails(text: str) -> list[Span]:
     spans = []
     for m in _EMAIL_DOMAIN.finditer(text):
-        if not _email_tld_ok(m.group(0).rsplit(".", 1)[1]) or text[m.end():m.end() + 1] == "(":
+        if _code_not_email(text, m.start(), m.end()):
             continue
         local = _EMAIL_LOCAL.search(text, max(0, m.start() - 64), m.start())
         if local and not _word_char(text, local.start() - 1, ".+-"):
