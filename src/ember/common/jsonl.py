@@ -18,17 +18,13 @@ def read_jsonl(path: str | Path, missing: str = "pass a .jsonl or .jsonl.gz file
     if not path.is_file():
         raise UserError(f"data file {path} not found: {missing}")
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        i = 0
-        while True:
+    with opener(path, "rb") as f:  # bytes, decoded line by line: a bad byte is reported on its own line
+        for i, raw in enumerate(f, 1):
             try:
-                line = f.readline()
+                line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise UserError(f"{path}:{i + 1}: not UTF-8 text ({e.reason} at byte {e.start} of the read block); "
-                                f"save the file as UTF-8") from None
-            if not line:
-                break
-            i += 1
+                raise UserError(f"{path}:{i}: not UTF-8 text ({e.reason} at column {e.start + 1}); save the file "
+                                f"as UTF-8") from None
             if not line.strip():
                 continue
             try:

@@ -195,6 +195,7 @@ def _work(unit: tuple[int, int, list[dict], str]) -> tuple[int, int]:
     kept = []
     for d in docs:
         provenance.count_input(stats, d)
+        d.setdefault("meta", {}).pop("pii", None)  # counts of an earlier curation (or a record's own field) go
         dropped = steps(d, stats["steps"])
         if dropped:
             d["meta"]["reject_step"], d["meta"]["reject_reason"] = dropped

@@ -48,7 +48,8 @@ def count_output(stats: dict, doc: dict) -> None:
     s["docs_out"] += 1
     s["bytes_out"] += len(doc["text"].encode("utf-8"))
     _license(s, "licenses", doc)
-    for kind, n in ((doc.get("meta") or {}).get("pii") or {}).items():  # replacements in what is kept
+    pii = (doc.get("meta") or {}).get("pii")
+    for kind, n in (pii.items() if isinstance(pii, dict) else ()):  # this run's replacements in what is kept
         stats["pii"][kind] = stats["pii"].get(kind, 0) + n
     date = (doc.get("meta") or {}).get("date")
     if date is not None:
