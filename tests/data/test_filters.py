@@ -39,7 +39,8 @@ def test_is_code():
     assert is_code(doc("x", kind="code")) and not is_code(doc("x", kind="docs"))
     assert is_code({"id": "stdlib/json/decoder.py", "text": "", "source": "stdlib", "meta": {}})
     assert is_code(doc("x", url="https://example.com/a/b.rs?raw=1"))
-    for url in ("https://www.example.pl/", "https://shop.example.rs/watches", "https://example.com/article.php?id=3"):
+    for url in ("https://www.example.pl/", "https://shop.example.rs/watches", "https://example.com/article.php?id=3",
+                "www.onet.pl"):
         assert not is_code(doc("x", url=url)), url  # a web page: the domain and .php say nothing of code
     assert is_code(doc("x", lang="perl")) and is_code(doc("x", path="tools/x.pl"))
     assert not is_code(doc("x", path="notes/readme.txt"))

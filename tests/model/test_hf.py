@@ -197,6 +197,9 @@ def test_import_keeps_to_the_folder(tmp_path):
     index.write_text(json.dumps({"weight_map": {"model.norm.weight": "../outside.safetensors"}}))
     with pytest.raises(UserError, match="shard '../outside.safetensors' lies outside"):
         import_hf(out)
+    index.write_text(json.dumps({"weight_map": {"model.norm.weight": str(tmp_path / "outside.safetensors")}}))
+    with pytest.raises(UserError, match="outside.safetensors' lies outside"):  # an absolute path too
+        import_hf(out)
     index.write_text(json.dumps({"metadata": {}}))
     with pytest.raises(UserError, match="not a safetensors index"):
         import_hf(out)

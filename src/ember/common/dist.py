@@ -236,7 +236,7 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
             groups.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p.grad)
     if not groups:
         return 0.0
-    norms = [torch.nn.utils.get_total_norm(gs) for gs in groups.values()]
+    norms = [torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in gs])) for gs in groups.values()]
     total = torch.linalg.vector_norm(torch.stack([n.full_tensor() if isinstance(n, DTensor) else n for n in norms]))
     total = float(total)
     if max_norm > 0 and total > max_norm:  # (a non-finite norm is left to the caller: the step is skipped)

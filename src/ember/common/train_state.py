@@ -154,7 +154,8 @@ class _MetadataUnpickler(pickle.Unpickler):
     """DCP's index holds dataclasses of torch.distributed.checkpoint, torch.Size, dtypes and layouts; any other
     global in the pickle (os.system, ...) is refused."""
     ALLOWED = {"torch.distributed.checkpoint.metadata": "classes", "torch.distributed.checkpoint.filesystem":
-               {"_StorageInfo"}, "torch.serialization": {"_get_layout"}, "pathlib": {"PosixPath", "PurePosixPath"}}
+               {"_StorageInfo"}, "torch.serialization": {"_get_layout"}, "pathlib": {"PosixPath", "PurePosixPath"},
+               "pathlib._local": {"PosixPath", "PurePosixPath"}}  # where Python 3.13 pickles them from
 
     def find_class(self, module, name):
         if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):

@@ -74,11 +74,12 @@ def is_code(doc: dict) -> bool:
     lang = str(meta.get("lang") or meta.get("language") or meta.get("kind") or "").lower()
     if lang:
         return lang in CODE_LANGS
-    for key in (meta.get("path"), meta.get("url"), doc.get("id"), doc.get("source")):
+    url_field = meta.get("url")
+    for key in (meta.get("path"), url_field, doc.get("id"), doc.get("source")):
         if not isinstance(key, str):
             continue
-        url = "://" in key
-        ext = Path(urlsplit(key).path if url else key).suffix.lower()
+        url = "://" in key or key is url_field  # meta.url is a URL even without a scheme (www.onet.pl)
+        ext = Path(urlsplit(key if "://" in key else "//" + key).path if url else key).suffix.lower()
         if ext in CODE_EXTS and not (url and ext == ".php"):
             return True
     return False

@@ -211,9 +211,9 @@ def _read_hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
         except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
             raise UserError(f"{index}: not a safetensors index (needs a 'weight_map' object of shard file names; "
                             f"{e!r}). Re-save the model with save_pretrained.") from None
-        for f in files:  # shard names come from the file: they must stay inside the folder
-            if folder.resolve() not in f.resolve().parents:
-                raise UserError(f"{index}: shard {str(f.relative_to(folder))!r} lies outside {folder}; refused.")
+        for name in set(weight_map.values()):  # shard names come from the file: they must stay inside the folder
+            if folder.resolve() not in (folder / name).resolve().parents:
+                raise UserError(f"{index}: shard {name!r} lies outside {folder}; refused.")
     tensors = {}
     for f in files:
         if not f.is_file():
