@@ -166,6 +166,18 @@ def test_a_missing_val_split_stops_before_training(tmp_path):
     assert done and (tmp_path / "run" / "pretrain" / "final").is_dir()
 
 
+def test_tp_is_checked_against_the_model_that_trains(tmp_path, tokens):
+    """--tp must divide the heads of the model that trains: the config's, or an --init_from checkpoint's."""
+    with pytest.raises(UserError, match=r"'tp' = 3 .* n_kv_head = 1"):
+        tiny_config(tmp_path, tokens, tp=3)
+    # with --init_from the config's own model is not the one that trains: checked when the checkpoint loads
+    assert train.Config(init_from="runs/base/pretrain/final", tp=3).tp == 3
+    from ember.model.gpt import GPTConfig
+
+    with pytest.raises(UserError, match=r"'tp' = 2 .* n_kv_head = 1"):
+        train.check_tp(2, GPTConfig(n_head=2, n_kv_head=1))
+
+
 def test_batch_tokens_must_fill_whole_micro_batches(tmp_path, tokens):
     with pytest.raises(UserError, match="batch_tokens.*not a multiple"):
         train.main(tiny_config(tmp_path, tokens, batch_tokens=200))

@@ -28,7 +28,7 @@ from ember.common import artifacts, dist, train_state
 from ember.common.config import require
 from ember.common.errors import UserError
 from ember.common.log import Metrics, print0, step_line
-from ember.data.loader import TokenShards, open_loader, val_batches
+from ember.data.loader import TokenShards, open_loader, tokens_folder, val_batches
 from ember.model.gpt import GPTConfig
 from ember.pretrain.optim import SpikeGuard, build_adamw, lr_factor
 
@@ -92,10 +92,15 @@ class Config:
         require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1/beta2", (self.beta1, self.beta2), "in [0, 1)")
         require(self.grad_clip >= 0 and self.weight_decay >= 0 and self.spike_z >= 0,
                 "grad_clip/weight_decay/spike_z", (self.grad_clip, self.weight_decay, self.spike_z), "floats >= 0")
-        require(self.model.n_kv_head % self.tp == 0 and self.model.n_head % self.tp == 0, "tp", self.tp,
-                f"a divisor of model.n_kv_head = {self.model.n_kv_head} and model.n_head = {self.model.n_head} "
-                f"(tensor parallelism splits attention by head)")
+        if not self.init_from:  # (an --init_from model's heads are checked when it is loaded)
+            check_tp(self.tp, self.model)
         parse_mix(self.mix)  # fails early on a malformed mixture
+
+
+def check_tp(tp: int, model_cfg: GPTConfig) -> None:
+    require(model_cfg.n_kv_head % tp == 0 and model_cfg.n_head % tp == 0, "tp", tp,
+            f"a divisor of the model's n_kv_head = {model_cfg.n_kv_head} and n_head = {model_cfg.n_head} "
+            f"(tensor parallelism splits attention by head)")
 
 
 def tiny() -> Config:
@@ -189,12 +194,13 @@ def main(cfg: Config) -> dict:
     if cfg.init_from:
         inputs["init_from"] = Path(cfg.init_from)
     for p, _ in sources:  # evaluation reads the val split, at the latest after the last step: check it now
-        if p.exists():  # (a missing folder: artifacts.begin says which stage makes it)
-            try:
-                TokenShards(p, "val", cfg.seq_len)
-            except UserError as e:
-                raise UserError(f"{e}. Pretraining evaluates on the 'val' split (every eval_every steps and after "
-                                f"the last), so it checks it before training: tokenize with --val_fraction > 0") from None
+        if (p / "meta.json").is_file() or (p / "tokens" / "meta.json").is_file():  # (else begin names the stage)
+            split = artifacts.read_json(tokens_folder(p) / "meta.json").get("splits", {}).get("val", {})
+            if max((s["tokens"] for s in split.get("shards", [])), default=0) < cfg.seq_len + 1:
+                raise UserError(f"{p}: the 'val' split has no shard of seq_len + 1 = {cfg.seq_len + 1} tokens. "
+                                f"Pretraining evaluates on it (every eval_every steps and after the last), so it "
+                                f"checks it before training: tokenize with --val_fraction > 0, or lower seq_len")
+            TokenShards(p, "val", cfg.seq_len)  # and its files are whole (their own error says how to fix them)
     run, cached = begin(cfg, inputs)
     if cached is not None:
         return cached
@@ -226,6 +232,7 @@ def main(cfg: Config) -> dict:
 
         model = load_model(cfg.init_from, device=env.device)
         mcfg = model.config
+        check_tp(cfg.tp, mcfg)
         if cfg.seq_len > mcfg.max_seq_len:
             raise UserError(f"config field 'seq_len' = {cfg.seq_len} is longer than the --init_from model's "
                             f"max_seq_len = {mcfg.max_seq_len}; lower seq_len")
