@@ -131,6 +131,12 @@ def test_context_length(kit, tiny):
         status, data = kit.http("POST", url + "/v1/chat/completions",
                                 {"messages": [{"role": "user", "content": "hi " * 30}], "ignore_eos": True})
         assert status == 200 and data["usage"]["total_tokens"] == 128
+    # a chat prompt within max_prompt_tokens but over the context (--context=32): the same coded 400 that the
+    # chat page trims its history on (it said "max_tokens = -15 is not allowed" with no code)
+    app = create_app([kit.served(*tiny, "tiny")], Limits(context=32, max_prompt_tokens=60))
+    with kit.Server(app) as url:
+        status, data = kit.http("POST", url + "/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 40}]})
+        assert status == 400 and data["error"]["code"] == "context_length_exceeded", data
 
 
 def test_votes_append_jsonl(kit, server):

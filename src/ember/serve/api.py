@@ -312,7 +312,7 @@ def create_app(models: list[Served], limits: Limits | None = None, *, api_key: s
                               timeout_s=limits.request_timeout_s)
 
     def check_prompt(ids: list[int], m: Served, engine: Engine, param: str) -> list[int]:
-        limit = limits.max_prompt_tokens or engine.max_len - 1
+        limit = min(limits.max_prompt_tokens or engine.max_len, engine.max_len - 1)  # room for one answer token
         if not ids:
             raise APIError(400, "the prompt is empty", param=param)
         if len(ids) > limit:
