@@ -52,5 +52,8 @@ def test_prompts_from_real_preference_and_task_files(shared_file, rel):
     """The files reward/dpo (hh-rlhf, OpenAssistant trees) and grpo (GSM8K) read give PPO their prompts too."""
     train, val = ppo.load_prompts(ppo.Config(data=str(shared_file(rel)), n_prompts=50, n_val=5))
     assert len(train) == 50 and len(val) == 5
+    from ember.align.data import conversation_key
+
+    assert not {conversation_key(p) for p in train} & {conversation_key(p) for p in val}  # no thread on both sides
     for p in train + val:  # chat turns or plain text, never an OpenAssistant node dict
         assert isinstance(p, str) or all(isinstance(m["content"], str) for m in p)

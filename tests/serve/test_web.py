@@ -89,11 +89,15 @@ def test_a_chat_longer_than_the_context_drops_its_oldest_turns(kit, tiny, browse
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#model option")) == 1)
         browser.find_element(By.CSS_SELECTOR, "#settings summary").click()
         browser.find_element(By.ID, "max_tokens").send_keys("30")
+        notes = []
         for i in range(4):
             browser.find_element(By.ID, "prompt").send_keys(f"message number {i}, long enough to fill a context")
             browser.find_element(By.ID, "send").click()
-            wait.until(lambda d: d.find_element(By.ID, "status").text in ("done",) or d.find_elements(By.CSS_SELECTOR, ".msg.error"))
+            wait.until(lambda d: d.find_element(By.ID, "status").text.startswith("done")
+                       or d.find_elements(By.CSS_SELECTOR, ".msg.error"))
             assert not browser.find_elements(By.CSS_SELECTOR, ".msg.error"), browser.find_element(By.ID, "status").text
+            notes.append(browser.find_element(By.ID, "status").text)
+        assert any("dropped its oldest" in n for n in notes), notes  # the user is told
         assert len(browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")) == 4
         history = browser.execute_script("return history")
         assert len(history) < 8 and history[-2]["content"].startswith("message number 3")  # the oldest went

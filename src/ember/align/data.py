@@ -132,7 +132,7 @@ def split_heldout(records: list[dict], val_frac: float, seed: int = 0) -> tuple[
     if val_frac > 0 and len(records) >= 2 and (not val_keys or val_keys == keys):
         if len(keys) < 2:
             raise UserError(f"all {len(records)} records come from one conversation, so no held-out split can keep "
-                            f"it out of training: give more data, or val_frac=0")
+                            f"it out of training: give pairs from at least two conversations")
         ordered = sorted(keys, key=frac)  # whole conversations, the lowest hashes held out
         val_keys = set(ordered[:min(max(1, round(val_frac * len(keys))), len(keys) - 1)])
     train = [r for r in records if conversation_key(r["prompt"]) not in val_keys]

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from ember.align import losses
-from ember.align.data import (arithmetic_tasks, check_prompt, data_inputs, load_preferences, load_tasks, prompt_key,
-                              read_jsonl, stdlib_pairs)
+from ember.align.data import (arithmetic_tasks, check_prompt, conversation_key, data_inputs, load_preferences, load_tasks,
+                              prompt_key, read_jsonl, stdlib_pairs)
 from ember.align.reward import last_token_scores, load_scalar_model
 from ember.align.rollout import (TEMPLATES, PolicyWithReference, SeqBatch, begin_stage, collate, encode_prompt, generate,
                                  keep_end, load_lm, prompt_budget, stop_id, token_logps)
@@ -115,9 +115,20 @@ def load_prompts(cfg: Config) -> tuple[list, list]:
                                     f"records; this one has {', '.join(sorted(rec)) or 'none'}")
                 check_prompt(rec["prompt"], f"{cfg.data}:{i}")
                 prompts.append(rec["prompt"])
-    unique = list({prompt_key(p): p for p in prompts}.values())
-    random.Random(cfg.seed).shuffle(unique)
-    val, train = unique[:cfg.n_val], unique[cfg.n_val:cfg.n_val + cfg.n_prompts]
+    # held out by whole conversations (data.conversation_key), as reward/dpo: every depth of an OpenAssistant
+    # tree or hh-rlhf thread is another prompt of the same conversation, and must not be on both sides
+    groups: dict[str, list] = {}
+    for p in {prompt_key(p): p for p in prompts}.values():
+        groups.setdefault(conversation_key(p), []).append(p)
+    keys = list(groups)
+    rng = random.Random(cfg.seed)
+    rng.shuffle(keys)
+    val, train = [], []
+    for k in keys:
+        (val if len(val) < cfg.n_val else train).extend(groups[k])
+    val = val[:cfg.n_val]  # a conversation cut here goes to neither side
+    rng.shuffle(train)
+    train = train[:cfg.n_prompts]
     if not train:
         raise UserError(f"data={cfg.data}: {len(unique)} distinct prompts leave none to train on after n_val={cfg.n_val}")
     return train, val

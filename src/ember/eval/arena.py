@@ -240,7 +240,9 @@ def main(cfg: Config) -> dict:
         ci = f"[{r['ci95'][0]:.0f}, {r['ci95'][1]:.0f}]" if r["ci95"] else "–"
         lines.append(f"| {n} | {r['rating']:.0f} | {ci} | {r['elo']:.0f} | {r['games']} | {r['wins']} | {r['ties']} |")
     self_votes = sum(v["a"] == v["b"] for v in votes)
-    if self_votes == len(votes):
+    if not votes:
+        print0("[arena] no votes: record some on the chat page's compare mode, or battle models with --models")
+    elif self_votes == len(votes):
         print0(f"[arena] all {len(votes)} votes compare a model with itself (one model served, two seeds): they "
                f"are counted but rate nothing; serve two models (--models) to rate them")
     artifacts.write_json(run.dir / "ratings.json", {"ratings": table, "votes": len(votes), "self_votes": self_votes})

@@ -180,8 +180,9 @@ class SlotCache:
         need, free = 2 * math.prod(shape) * w.element_size(), _free_bytes(w.device)
         if free is not None and need > free // 2:  # the model's config decides max_len: it may claim any size
             raise UserError(f"the KV cache for {n_slots} slots x {max_len} positions needs {need / 2**30:.1f} GiB, over "
-                            f"half of the {free / 2**30:.1f} GiB free on {w.device}: lower --context (the model allows "
-                            f"{c.max_seq_len}) or --n_slots")
+                            f"half of the {free / 2**30:.1f} GiB free on {w.device}: serve with a smaller --context (the "
+                            f"model allows {c.max_seq_len}) or fewer --n_slots; in ppo/grpo/constitution, lower "
+                            f"max_new_tokens, max_prompt_len or the rollout batch")
         self.k = torch.zeros(shape, device=w.device, dtype=w.dtype)
         self.v = torch.zeros(shape, device=w.device, dtype=w.dtype)
         self.lengths = [0] * n_slots  # positions filled in each slot

@@ -96,15 +96,17 @@ async function send(prompt) {
     const chat = history;  // "new chat" replaces history: an answer still streaming must not land in the new one
     chat.push({ role: "user", content: prompt });
     const div = bubble("assistant", $("model").value);
+    let dropped = 0;
     for (;;) {
       try {
         const answer = await streamChat($("model").value, chat, params, div);
         chat.push({ role: "assistant", content: answer });
-        return;
+        return dropped ? "done (the conversation outgrew the model's context: dropped its oldest " + dropped +
+                         " exchange" + (dropped > 1 ? "s" : "") + ")" : "";
       } catch (e) {
         if (e.code === "context_length_exceeded" && chat.length > 2) {  // forget the oldest exchange, retry
           chat.splice(0, 2);
-          status("the conversation outgrew the model's context: dropped the oldest exchange");
+          dropped += 1;
           continue;
         }
         chat.pop();  // a prompt that failed is not resent with the next one
@@ -169,8 +171,8 @@ $("form").addEventListener("submit", async (ev) => {
   $("prompt").value = "";
   status("generating…");
   try {
-    await send(prompt);
-    status("done");
+    const note = await send(prompt);
+    status(note || "done");
   } catch (e) {
     if (e.name === "AbortError") { status("stopped"); return; }
     const div = bubble("assistant error", "error");
