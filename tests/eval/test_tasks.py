@@ -165,8 +165,8 @@ def test_mmlu_answer_must_be_one_letter(tmp_path):
 
 def test_gsm8k_answer_without_final_number_is_refused(tmp_path):
     f = tmp_path / "g.jsonl"
-    f.write_text('{"question": "2+2?", "answer": "2+2 = 4\\n#### 4"}\n{"question": "3+3?", "answer": "It is 6"}\n')
-    with pytest.raises(UserError, match=r"g.jsonl:2: the answer has no final '#### <number>' line"):
+    f.write_text('{"question": "2+2?", "answer": "2+2 = 4\\n#### 4"}\n\n{"question": "3+3?", "answer": "It is 6"}\n')
+    with pytest.raises(UserError, match=r"g.jsonl:3: the answer has no final '#### <number>' line"):  # file line
         gsm8k.load(f)
 
 

@@ -16,8 +16,8 @@ from ember.eval.tasks.common import Task, need, read_jsonl
 
 def load(path: Path) -> list[dict]:
     items = []
-    for i, row in enumerate(read_jsonl(path)):
-        where = f"{path}:{i + 1}"
+    for i, (line, row) in enumerate(read_jsonl(path)):
+        where = f"{path}:{line}"
         need(row, ("question", "answerKey"), where)
         q = row["question"]
         labels = [c["label"] for c in q["choices"]]

@@ -55,9 +55,9 @@ def open_text(path: str | Path):
     return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """The records of an eval data file (.jsonl or .jsonl.gz; common/jsonl.py)."""
-    return [rec for _, rec in jsonl.read_jsonl(path, missing="pass the task as name:PATH or set --data_dir")]
+def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
+    """(line number, record) of an eval data file (.jsonl or .jsonl.gz; common/jsonl.py): errors name the line."""
+    return list(jsonl.read_jsonl(path, missing="pass the task as name:PATH or set --data_dir"))
 
 
 def need(row: dict, keys: tuple[str, ...], where: str) -> None:

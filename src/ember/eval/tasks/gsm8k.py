@@ -44,11 +44,11 @@ def extract_flex(text: str) -> str | None:
 
 def load(path: Path) -> list[dict]:
     items = []
-    for i, row in enumerate(read_jsonl(path)):
-        need(row, ("question", "answer"), f"{path}:{i + 1}")
+    for i, (line, row) in enumerate(read_jsonl(path)):
+        need(row, ("question", "answer"), f"{path}:{line}")
         target = extract_strict(str(row["answer"]))
         if target is None:  # else every reply without a number would "match" the missing target
-            raise UserError(f"{path}:{i + 1}: the answer has no final '#### <number>' line (GSM8K's format): "
+            raise UserError(f"{path}:{line}: the answer has no final '#### <number>' line (GSM8K's format): "
                             f"{str(row['answer'])[-60:]!r}; end each answer with '#### 42'")
         items.append({"id": str(i), "question": row["question"], "answer": row["answer"], "target": target})
     return items

@@ -25,8 +25,8 @@ def preprocess(text: str) -> str:
 
 def load(path: Path) -> list[dict]:
     items = []
-    for i, row in enumerate(read_jsonl(path)):
-        where = f"{path}:{i + 1}"
+    for i, (line, row) in enumerate(read_jsonl(path)):
+        where = f"{path}:{line}"
         need(row, ("activity_label", "endings", "label"), where)
         if "ctx_a" in row and "ctx_b" in row:  # rowanz files carry ctx as well, uncapitalized: not that one
             ctx = row["ctx_a"] + " " + row["ctx_b"].capitalize()

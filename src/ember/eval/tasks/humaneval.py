@@ -22,8 +22,8 @@ STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 
 def load(path: Path) -> list[dict]:
     items = []
-    for i, row in enumerate(read_jsonl(path)):
-        need(row, ("task_id", "prompt", "entry_point", "test"), f"{path}:{i + 1}")
+    for i, (line, row) in enumerate(read_jsonl(path)):
+        need(row, ("task_id", "prompt", "entry_point", "test"), f"{path}:{line}")
         items.append({"id": row["task_id"], **row})
     return items
 

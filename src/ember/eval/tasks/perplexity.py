@@ -56,9 +56,9 @@ def load(path: Path) -> list[dict]:
         texts = [d["text"] for d in read_shards(path)]
     elif name.endswith(".jsonl"):
         texts = []
-        for i, row in enumerate(read_jsonl(path)):
+        for i, (line, row) in enumerate(read_jsonl(path)):
             if not isinstance(row.get("text"), str):
-                raise UserError(f"{path}:{i + 1}: a perplexity JSONL row needs a string field 'text'")
+                raise UserError(f"{path}:{line}: a perplexity JSONL row needs a string field 'text'")
             texts.append(row["text"])
     elif path.is_file():
         with open_text(path) as f:

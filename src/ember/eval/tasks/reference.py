@@ -21,10 +21,10 @@ STOP = ("\n\n", "<|end|>", "<|eos|>")
 
 def load(path: Path) -> list[dict]:
     items = []
-    for i, row in enumerate(read_jsonl(path)):
+    for i, (line, row) in enumerate(read_jsonl(path)):
         p, r = row.get("prompt", row.get("instruction")), row.get("reference", row.get("output"))
         if not isinstance(p, str) or not isinstance(r, str):
-            raise UserError(f"{path}:{i + 1}: expected string fields prompt/reference (or instruction/output)")
+            raise UserError(f"{path}:{line}: expected string fields prompt/reference (or instruction/output)")
         items.append({"id": str(row.get("id", i)), "prompt": p, "reference": r})
     return items
 
