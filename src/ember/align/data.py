@@ -127,7 +127,8 @@ def split_heldout(records: list[dict], val_frac: float, seed: int = 0) -> tuple[
         h = hashlib.sha256(f"{seed}:{key}".encode()).digest()
         return int.from_bytes(h[:8], "big") / 2 ** 64
 
-    keys = {conversation_key(r["prompt"]) for r in records}
+    key_of = [conversation_key(r["prompt"]) for r in records]  # once per record: a JSON dump each
+    keys = set(key_of)
     val_keys = {k for k in keys if frac(k) < val_frac}
     if val_frac > 0 and len(records) >= 2 and (not val_keys or val_keys == keys):
         if len(keys) < 2:
@@ -135,8 +136,8 @@ def split_heldout(records: list[dict], val_frac: float, seed: int = 0) -> tuple[
                             f"it out of training: give pairs from at least two conversations")
         ordered = sorted(keys, key=frac)  # whole conversations, the lowest hashes held out
         val_keys = set(ordered[:min(max(1, round(val_frac * len(keys))), len(keys) - 1)])
-    train = [r for r in records if conversation_key(r["prompt"]) not in val_keys]
-    val = [r for r in records if conversation_key(r["prompt"]) in val_keys]
+    train = [r for r, k in zip(records, key_of) if k not in val_keys]
+    val = [r for r, k in zip(records, key_of) if k in val_keys]
     return train, val
 
 

@@ -132,8 +132,8 @@ def main(cfg: Config) -> dict:
     policy = pr.model.train()
     keep = prompt_budget(policy, cfg.max_prompt_len, cfg.max_new_tokens)
     opt = build_adamw(policy, cfg.lr, cfg.weight_decay, (0.9, 0.95), device)
-    advantage_fn, const_len = ADVANTAGES[cfg.advantage]
-    const_len = cfg.max_new_tokens if const_len else None  # Dr. GRPO: the longest a reply can be
+    advantage_fn, constant_length = ADVANTAGES[cfg.advantage]
+    const_len = cfg.max_new_tokens if constant_length else None  # Dr. GRPO: the longest a reply can be
     metrics_log = Metrics(run.dir)
     acc_before = accuracy(policy, tok, val, cfg, device)
     print0(f"[grpo] held-out exact-answer accuracy before: {acc_before:.3f}")

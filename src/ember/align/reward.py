@@ -104,7 +104,7 @@ def load_scalar_model(folder: str | Path, device, template: str | None = None,
                       tokenizer_sha256: str | None = None) -> nn.Module:
     """A model saved by save_scalar_model. Given the template and tokenizer hash of the stage that will use
     it, a reward model trained with others is refused (it would score sequences it never learned to read)."""
-    from ember.common.checkpoint import check_layer_count, load_state
+    from ember.common.checkpoint import check_fit, check_layer_count, load_state
     from ember.common.config import from_dict
     from ember.model.gpt import GPTConfig, build_model
 
@@ -121,10 +121,8 @@ def load_scalar_model(folder: str | Path, device, template: str | None = None,
                             f"{want!r}; train a reward model with the same template and tokenizer")
     config = from_dict(GPTConfig, meta["config"], where=str(path))
     check_layer_count(config, tensors, path)
-    model = attach_scalar_head(build_model(config, "meta", init=False))  # shapes checked before allocating
-    bad = [k for k, v in model.state_dict().items() if k not in tensors or tensors[k].shape != v.shape]
-    if bad or len(tensors) != len(model.state_dict()):
-        raise UserError(f"{path}: weights do not match its config (e.g. {bad[:3]}); rerun `ember reward`")
+    model = attach_scalar_head(build_model(config, "meta", init=False))
+    check_fit(model, tensors, path)  # shapes checked before allocating
     model.to_empty(device=device)
     model.load_state_dict(tensors, strict=True)
     return model

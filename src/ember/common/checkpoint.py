@@ -90,7 +90,7 @@ def load_model(path_or_dir: str | Path, device: torch.device | str = "cpu", dtyp
     config = from_dict(GPTConfig, meta["config"], where=f"the config stored in {path}")
     check_layer_count(config, tensors, path)
     model = build_model(config, "meta", init=False)  # shapes first: a config may claim any size
-    _check_fit(model, tensors, path)
+    check_fit(model, tensors, path)
     model.to_empty(device=device)
     if "tok_emb.weight" in tensors:
         model.to(dtype or tensors["tok_emb.weight"].dtype)
@@ -123,15 +123,11 @@ def load_weights(model, path_or_dir: str | Path) -> None:
             shown = ", ".join(f"{k}={a!r} (model has {b!r})" for k, (a, b) in list(diff.items())[:6])
             raise UserError(f"checkpoint {path} was saved from another model config: {shown}. Build the model from "
                             f"the checkpoint (load_model) or set the --model.* settings to match.")
-    _load_tensors(model, tensors, path)
-
-
-def _load_tensors(model, tensors: dict[str, torch.Tensor], path: Path) -> None:
-    _check_fit(model, tensors, path)
+    check_fit(model, tensors, path)
     model.load_state_dict(tensors)
 
 
-def _check_fit(model, tensors: dict[str, torch.Tensor], path: Path) -> None:
+def check_fit(model, tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Every name and shape of the model (on any device, meta included) found in the file, and no more."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in tensors]

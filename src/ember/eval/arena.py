@@ -27,6 +27,7 @@ import numpy as np
 from ember.common import artifacts
 from ember.common.config import require
 from ember.common.errors import UserError
+from ember.common.jsonl import read_jsonl
 from ember.common.log import print0
 
 WINNERS = ("a", "b", "tie", "both_bad")
@@ -34,8 +35,6 @@ Judge = Callable[[str, str, str], str]  # (prompt, answer_a, answer_b) -> "a" | 
 
 
 def read_votes(path: str | Path) -> list[dict]:
-    from ember.common.jsonl import read_jsonl
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"votes file {path} not found; votes come from `ember serve` (the chat page's compare "
@@ -50,8 +49,6 @@ def read_votes(path: str | Path) -> list[dict]:
 
 def read_prompts(path: str | Path) -> list[str]:
     """The "prompt" (or Alpaca's "instruction") of each record: battles need no reference answers."""
-    from ember.common.jsonl import read_jsonl
-
     prompts = []
     for line, rec in read_jsonl(path, missing="pass --prompts=<JSONL with a \"prompt\" per line>"):
         p = rec.get("prompt", rec.get("instruction"))

@@ -194,7 +194,7 @@ def main(cfg: Config) -> dict:
     if cfg.init_from:
         inputs["init_from"] = Path(cfg.init_from)
     for p, _ in sources:  # evaluation reads the val split, at the latest after the last step: check it now
-        if (p / "meta.json").is_file() or (p / "tokens" / "meta.json").is_file():  # (else begin names the stage)
+        if p.exists():  # (a missing folder: artifacts.begin says which stage makes it)
             split = artifacts.read_json(tokens_folder(p) / "meta.json").get("splits", {}).get("val", {})
             if max((s["tokens"] for s in split.get("shards", [])), default=0) < cfg.seq_len + 1:
                 raise UserError(f"{p}: the 'val' split has no shard of seq_len + 1 = {cfg.seq_len + 1} tokens. "

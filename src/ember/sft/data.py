@@ -65,8 +65,9 @@ def to_messages(rec, where: str) -> list[dict]:
         msgs = [{"role": SHAREGPT_ROLES.get(str(m.get("from", "")).lower(), m.get("from")), "content": m.get("value")}
                 for m in rec["conversations"] if isinstance(m, dict)]
     elif "instruction" in rec and "output" in rec:  # Alpaca
-        for k in ("instruction", "input"):
-            if not isinstance(rec.get(k, ""), (str, type(None))) or (k == "instruction" and rec[k] is None):
+        for k, ok in (("instruction", isinstance(rec["instruction"], str)),
+                      ("input", isinstance(rec.get("input"), (str, type(None))))):  # input may be absent
+            if not ok:
                 raise UserError(f"{where}: Alpaca field '{k}' must be a string, got {rec[k]!r:.60}")
         msgs = [{"role": "user", "content": _alpaca_user(rec["instruction"], rec.get("input"))},
                 {"role": "assistant", "content": rec["output"]}]
