@@ -9,7 +9,7 @@ import torch
 from ember.common import dist, train_state
 from ember.common.errors import UserError
 from ember.model.gpt import GPTConfig, build_model
-from ember.pretrain.optim import build_adamw
+from ember.common.optim import build_adamw
 
 CFG = GPTConfig(vocab_size=64, n_layer=1, n_head=2, n_kv_head=1, n_embd=16, max_seq_len=16)
 

@@ -110,7 +110,7 @@ def evaluate(policy_logps: torch.Tensor, ref_logps: torch.Tensor, cfg: Config) -
 
 
 def main(cfg: Config) -> dict:
-    from ember.pretrain.optim import build_adamw, lr_factor
+    from ember.common.optim import build_adamw, lr_factor
     from ember.tokenizer.special import load_tokenizer
 
     run, paths = begin_stage("dpo", cfg, **data_inputs(cfg.data))

@@ -115,7 +115,7 @@ def accuracy(model, tok, tasks: list[dict], cfg: Config, device) -> float:
 
 
 def main(cfg: Config) -> dict:
-    from ember.pretrain.optim import build_adamw, lr_factor
+    from ember.common.optim import build_adamw, lr_factor
     from ember.tokenizer.special import load_tokenizer
 
     run, paths = begin_stage("grpo", cfg, **data_inputs(cfg.data))

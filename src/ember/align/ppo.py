@@ -168,7 +168,7 @@ def rollout(pr, reward_model, tok, prompts: list, cfg: Config, device, generator
 
 
 def main(cfg: Config) -> dict:
-    from ember.pretrain.optim import build_adamw
+    from ember.common.optim import build_adamw
     from ember.tokenizer.special import load_tokenizer
 
     rm_dir = cfg.reward_model or str(Path(cfg.run) / "reward" / "final")

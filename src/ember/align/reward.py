@@ -153,7 +153,7 @@ def evaluate(model: nn.Module, encoded, pad_id: int, device, batch_size: int = 3
 
 
 def main(cfg: Config) -> dict:
-    from ember.pretrain.optim import build_adamw, lr_factor
+    from ember.common.optim import build_adamw, lr_factor
     from ember.tokenizer.special import load_tokenizer
 
     run, paths = begin_stage("reward", cfg, **data_inputs(cfg.data))

@@ -30,7 +30,7 @@ from ember.common.errors import UserError
 from ember.common.log import Metrics, print0, step_line
 from ember.data.loader import TokenShards, open_loader, tokens_folder, val_batches
 from ember.model.gpt import GPTConfig
-from ember.pretrain.optim import SpikeGuard, build_adamw, lr_factor
+from ember.common.optim import SpikeGuard, build_adamw, lr_factor
 
 MAX_ROLLBACKS = 5  # a run that needs more than this many rollbacks is diverging, not hitting bad batches
 

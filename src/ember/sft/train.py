@@ -150,7 +150,7 @@ def main(cfg: Config) -> dict:
     from ember.common.dist import native_bf16, pick_device
     from ember.model.lora import apply_lora, merge_lora, save_adapter
     from ember.model.quant import dequantize_nf4_, frozen_weight_bytes, quantize_nf4_
-    from ember.pretrain.optim import build_adamw, lr_factor
+    from ember.common.optim import build_adamw, lr_factor
     from ember.tokenizer.special import load_tokenizer
 
     # ---- init

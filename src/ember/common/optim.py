@@ -1,4 +1,4 @@
-"""Optimizer, learning-rate schedules and the loss-spike guard of the pretraining recipe.
+"""Optimizer, learning-rate schedules and the loss-spike guard every training recipe shares (pretrain, sft, align).
 
 AdamW with decoupled weight decay on matrices only; warmup + cosine (GPT-3, Chinchilla) or
 warmup-stable-decay (MiniCPM, Hägele et al. 2024) schedules as pure functions of the step, so a resumed run

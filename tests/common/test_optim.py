@@ -5,7 +5,7 @@ import math
 import pytest
 
 from ember.model.gpt import GPTConfig, build_model
-from ember.pretrain.optim import SpikeGuard, lr_factor, param_groups
+from ember.common.optim import SpikeGuard, lr_factor, param_groups
 
 
 def test_warmup_then_cosine():
