@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from ember.model.gpt import GPTConfig, build_model
-from ember.serve.engine import Engine, SamplingParams
+from ember.model.engine import Engine, SamplingParams
 
 
 def models():

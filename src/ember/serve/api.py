@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from starlette.exceptions import HTTPException
 
 from ember.common.errors import UserError
-from ember.serve.engine import Engine, QueueFull, SamplingParams
+from ember.model.engine import Engine, QueueFull, SamplingParams
 from ember.serve.models import Served
 
 WEB_DIR = Path(__file__).parent / "web"
