@@ -3,12 +3,14 @@
     apply_lora(model, targets=["attn", "mlp"], r=8, alpha=16, dropout=0.0)   # freezes all but A, B
     with lora_disabled(model): ref_logits = model(idx)                       # the base model (DPO reference)
     save_adapter(dir, model); load_adapter(dir, model); merge_lora(model)    # back to plain nn.Linear
+    save_peft_adapter(dir, model); load_peft_adapter(dir, model)             # the `peft` library's folder format
 The base may be an nn.Linear or a frozen NF4Linear (QLoRA); the adapter is always full precision.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from pathlib import Path
 from typing import Iterator
@@ -195,4 +197,146 @@ def load_adapter(path: str | Path, model: nn.Module, dropout: float = 0.0) -> nn
             raise UserError(f"{path}: adapter tensor {k} has shape {tuple(v.shape)}, the model needs "
                             f"{tuple(have[k].shape)}; load it into the model it was trained on")
     model.load_state_dict(tensors, strict=False)
+    return model
+
+
+# ---------------------------------------------------------------------------- PEFT folders (Hugging Face `peft`)
+# A PEFT LoRA folder is adapter_config.json + adapter_model.safetensors with keys
+# `base_model.model.<HF module>.lora_A.weight` (r, in) and `.lora_B.weight` (out, r): the same tensors as
+# ember's lora_a / lora_b, and the same scale lora_alpha / r, so only the names change (through hf.hf_name).
+PEFT_CONFIG, PEFT_WEIGHTS, PEFT_PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
+# adapter_config.json fields whose non-default values change what the adapter computes, and ember does not
+# implement: field -> the values that mean "off". Init-only fields (init_lora_weights, loftq/eva/corda) don't matter
+# once the weights exist; fields we don't know are ignored, as peft ignores them.
+PEFT_UNSUPPORTED = {
+    "use_rslora": (False, None), "use_dora": (False, None), "fan_in_fan_out": (False, None),
+    "bias": ("none", None), "lora_bias": (False, None), "rank_pattern": ({}, None), "alpha_pattern": ({}, None),
+    "layers_to_transform": (None, []), "layer_replication": (None, []), "modules_to_save": (None, []),
+    "target_parameters": (None, []), "trainable_token_indices": (None, {}, []), "use_qalora": (False, None),
+    "alora_invocation_tokens": (None, []), "use_bdlora": (None, False), "arrow_config": (None,),
+}
+
+
+def _peft_module_names(model: nn.Module) -> dict[str, str]:
+    """ember module name -> HF module name, for every layer LoRA could adapt (the LoRALinear itself, if wrapped)."""
+    from ember.model.hf import hf_name, model_type
+
+    mtype = model_type(model.config)
+    known = set(GROUPS["all"]) | {"lm_head"}
+    return {n: hf_name(f"{n}.weight", mtype).removesuffix(".weight") for n, m in model.named_modules()
+            if n.rsplit(".", 1)[-1] in known and hasattr(m, "in_features")}
+
+
+def save_peft_adapter(folder: str | Path, model: nn.Module, base_model_name_or_path: str = "") -> Path:
+    """Write the model's LoRA adapters as `peft` writes them (adapter_config.json + adapter_model.safetensors),
+    for `PeftModel.from_pretrained(<export_hf of the base>, folder)`. Returns folder."""
+    from safetensors.torch import save_file
+
+    from ember.common import artifacts
+
+    model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper
+    mods = list(lora_modules(model))
+    assert mods, "save_peft_adapter: the model has no LoRA layers"
+    if experts := [n for n, _ in mods if ".experts." in n]:
+        # transformers 5 fuses each layer's experts into 3-D parameters (mlp.experts.gate_up_proj), which peft
+        # adapts only through target_parameters, not as per-expert linear layers like ember's
+        raise UserError(f"save_peft_adapter: LoRA on MoE experts ({experts[0]}, ...) has no per-expert linear "
+                        f"layer in transformers' MoE models to attach to. Train with lora targets that leave out "
+                        f"the experts (e.g. --lora.targets=attn) to export a PEFT adapter, or use save_adapter.")
+    (_, first), names = mods[0], _peft_module_names(model)
+    if odd := [(n, m) for n, m in mods if (m.r, m.alpha) != (first.r, first.alpha)]:
+        raise UserError(f"save_peft_adapter: {odd[0][0]} has r/alpha {odd[0][1].r}/{odd[0][1].alpha}, {mods[0][0]} "
+                        f"has {first.r}/{first.alpha}; ember writes one r and alpha per PEFT folder (no rank_pattern)")
+    tensors = {}
+    for n, m in mods:
+        key = PEFT_PREFIX + names[n]
+        tensors[f"{key}.lora_A.weight"] = m.lora_a.detach().to("cpu").contiguous()  # (r, in)
+        tensors[f"{key}.lora_B.weight"] = m.lora_b.detach().to("cpu").contiguous()  # (out, r)
+    dropout = next((m.dropout.p for _, m in mods if isinstance(m.dropout, nn.Dropout)), 0.0)
+    # the fields peft has written since 0.10, in its order (sorted keys); later versions accept them all
+    config = {
+        "alpha_pattern": {}, "auto_mapping": None, "base_model_name_or_path": base_model_name_or_path or None,
+        "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+        "layer_replication": None, "layers_pattern": None, "layers_to_transform": None, "loftq_config": {},
+        "lora_alpha": first.alpha, "lora_dropout": dropout, "megatron_config": None, "megatron_core": "megatron.core",
+        "modules_to_save": None, "peft_type": "LORA", "r": first.r, "rank_pattern": {}, "revision": None,
+        "target_modules": sorted({names[n].rsplit(".", 1)[-1] for n, _ in mods}), "task_type": "CAUSAL_LM",
+        "use_dora": False, "use_rslora": False,
+    }
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with artifacts.atomic_path(folder / PEFT_WEIGHTS) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})  # peft's metadata, a plain string
+    artifacts.write_json(folder / PEFT_CONFIG, config)
+    return folder
+
+
+def read_peft_adapter(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, adapter_config) of a PEFT LoRA folder; anything ember cannot compute exactly is a UserError."""
+    from ember.common.checkpoint import load_state
+
+    folder = Path(folder)
+    cfg_path, weights = folder / PEFT_CONFIG, folder / PEFT_WEIGHTS
+    if not cfg_path.is_file():
+        raise UserError(f"{folder}: no {PEFT_CONFIG}. Pass a folder written by save_peft_adapter or by "
+                        f"peft's save_pretrained.")
+    if not weights.is_file():
+        old = " (adapter_model.bin is not read: pickles are unsafe; re-save with safe_serialization=True)" \
+            if (folder / "adapter_model.bin").is_file() else ""
+        raise UserError(f"{folder}: no {PEFT_WEIGHTS}{old}.")
+    try:
+        config = json.loads(cfg_path.read_text())
+        assert isinstance(config, dict)
+    except (json.JSONDecodeError, UnicodeDecodeError, AssertionError) as e:
+        raise UserError(f"{cfg_path}: not a JSON object ({e!r}). Re-save the adapter with save_pretrained.") from None
+    if config.get("peft_type") != "LORA":
+        raise UserError(f"{cfg_path}: peft_type {config.get('peft_type')!r}; ember loads only LoRA adapters "
+                        f"(peft_type \"LORA\").")
+    for field, off in PEFT_UNSUPPORTED.items():
+        if field in config and config[field] not in off:
+            raise UserError(f"{cfg_path}: {field} = {config[field]!r} is not implemented by ember's LoRA, so the "
+                            f"adapter would not compute what it was trained to. Use an adapter trained with "
+                            f"{field} = {off[0]!r}, or load it with peft.")
+    for field in ("r", "lora_alpha"):
+        if not isinstance(config.get(field), (int, float)) or config[field] <= 0:
+            raise UserError(f"{cfg_path}: {field} = {config.get(field)!r}; it needs a number > 0.")
+    tensors, _ = load_state(weights)
+    return tensors, config
+
+
+def load_peft_adapter(folder: str | Path, model: nn.Module) -> nn.Module:
+    """Apply LoRA to an ember GPT as a PEFT folder says (if not applied yet) and load its A/B weights; returns
+    model. The base must be the model the adapter was trained on (e.g. import_hf of its base folder)."""
+    folder = Path(folder)
+    tensors, config = read_peft_adapter(folder)
+    model = getattr(model, "_orig_mod", model)
+    to_ember = {h: n for n, h in _peft_module_names(model).items()}  # HF module name -> ember module name
+    state = {}
+    for key, t in tensors.items():
+        module, dot, part = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
+        if not dot or part not in ("A.weight", "B.weight") or module not in to_ember:
+            raise UserError(f"{folder / PEFT_WEIGHTS}: tensor {key!r} is not a LoRA A/B weight of a linear layer "
+                            f"ember has (embedding LoRA, DoRA magnitudes, biases and extra modules are not "
+                            f"supported); load the adapter with peft instead.")
+        state[f"{to_ember[module]}.lora_{part[0].lower()}"] = t
+    r, alpha = int(config["r"]), float(config["lora_alpha"])
+    if not any(True for _ in lora_modules(model)):
+        leaves = sorted({k.rsplit(".", 2)[-2] for k in state})
+        apply_lora(model, leaves, r, alpha, float(config.get("lora_dropout") or 0.0))
+    if odd := [n for n, m in lora_modules(model) if m.alpha / m.r != alpha / r]:
+        raise UserError(f"{folder}: the model's LoRA layer {odd[0]} already has scale alpha/r = "
+                        f"{dict(lora_modules(model))[odd[0]].scale:g}, the adapter's is {alpha:g}/{r}; load it into "
+                        f"a model without LoRA applied.")
+    have = lora_state_dict(model)
+    if set(have) != set(state):
+        missing, extra = sorted(set(have) - set(state)), sorted(set(state) - set(have))
+        raise UserError(f"{folder}: adapter does not fit this model (missing {missing[:3]}, unexpected {extra[:3]}; "
+                        f"an adapter on only some layers, or a model with LoRA already applied differently?). "
+                        f"Load it into a fresh copy of the model it was trained on.")
+    for k, v in state.items():
+        if v.shape != have[k].shape:
+            raise UserError(f"{folder}: adapter tensor {k} has shape {tuple(v.shape)}, the model needs "
+                            f"{tuple(have[k].shape)} (r = {r} in {PEFT_CONFIG}); load it into the model it was "
+                            f"trained on.")
+    model.load_state_dict(state, strict=False)
     return model
