@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from ember.common.errors import UserError
-from ember.model.engine import (Engine, QueueFull, SamplingParams, apply_penalties, filter_logits, holdback)
+from ember.model.engine import (BatchParams, Engine, QueueFull, SamplingParams, apply_penalties, filter_logits, generate,
+                                holdback, sample)
 from ember.model.gpt import GPTConfig, build_model
 from ember.model.llama2c import Llama2cTokenizer, load_llama2c, stories260k_paths
 
@@ -211,27 +212,56 @@ def test_background_thread_matches_sync_and_timeout(tiny):
 
 # ---------------------------------------------------------------------------- sampling, by hand
 
+def rows(*params, uniform=None):
+    return BatchParams.of(list(params), "cpu", uniform)
+
+
 def test_filters_by_hand():
     logits = torch.log(torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05]))
-    keep = lambda **kw: torch.isfinite(filter_logits(logits, SamplingParams(**kw))).tolist()
+    keep = lambda **kw: torch.isfinite(filter_logits(logits[None], rows(SamplingParams(**kw))))[0].tolist()
     assert keep(top_k=2) == [True, True, False, False, False]
     assert keep(top_p=0.6) == [True, True, False, False, False]  # 0.5 < 0.6, 0.5 + 0.2 >= 0.6
     assert keep(top_p=0.5) == [True, False, False, False, False]
     assert keep(top_p=0.86) == [True, True, True, True, False]
     assert keep(min_p=0.25) == [True, True, True, False, False]  # p >= 0.25 * 0.5
-    out = filter_logits(logits, SamplingParams(temperature=2.0))
+    out = filter_logits(logits[None], rows(SamplingParams(temperature=2.0)))[0]
     assert torch.allclose(out.softmax(-1), torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05]).sqrt() / sum(
         math.sqrt(x) for x in (0.5, 0.2, 0.15, 0.1, 0.05)))
+    # per-row settings in one batch: each row is filtered as it would be alone
+    params = [SamplingParams(top_k=2), SamplingParams(top_p=0.86), SamplingParams(min_p=0.25), SamplingParams()]
+    both = torch.isfinite(filter_logits(logits.expand(4, -1), rows(*params))).tolist()
+    assert both == [keep(top_k=2), keep(top_p=0.86), keep(min_p=0.25), [True] * 5]
+
+
+def test_inverse_cdf_by_hand():
+    """The uniform u picks the first token whose cumulative probability (vocabulary order) exceeds u."""
+    logits = torch.log(torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05]))
+    pick = lambda u, **kw: sample(logits[None], rows(SamplingParams(**kw), uniform=[u])).item()
+    assert [pick(u) for u in (0.0, 0.49, 0.5, 0.69, 0.7, 0.84, 0.85, 0.949, 0.95, 0.999)] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert pick(0.99, top_k=2) == 1 and pick(0.99, top_k=1) == 0  # filtered tokens get no share of [0, 1)
+    assert pick(1.0, top_k=3) == 2  # a u that rounds to 1.0 still lands on a kept token
+    assert pick(0.99, temperature=0) == 0  # greedy ignores u
+
+
+def test_extreme_settings_sample_a_valid_token():
+    """fp32 overflow (temperature 1e-30, repetition_penalty 1e-300 -> 0) must not give NaN or a crash."""
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]] * 3)
+    seen, counts = torch.tensor([[True, False, False, True]] * 3), torch.zeros(3, 4)
+    params = [SamplingParams(temperature=1e-30), SamplingParams(repetition_penalty=1e-300),
+              SamplingParams(repetition_penalty=1e-300, top_p=0.5, min_p=0.5)]
+    ids = sample(logits, rows(*params, uniform=[0.3, 0.3, 0.9]), seen, counts).tolist()
+    # 3e30 wins; ids 0 and 3 overflow to +inf (2 / 0, 3 / 0), capped at the largest float: an even draw between them
+    assert ids == [3, 0, 3]
 
 
 def test_penalties_by_hand():
-    logits = torch.tensor([2.0, -1.0, 0.5, 3.0])
-    seen = torch.tensor([True, True, False, False])
-    counts = torch.tensor([0.0, 0.0, 0.0, 2.0])
-    out = apply_penalties(logits, SamplingParams(repetition_penalty=2.0), seen, counts)
-    assert out.tolist() == [1.0, -2.0, 0.5, 1.5]  # ids 0, 1 in the prompt, id 3 generated
-    out = apply_penalties(logits, SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), seen, counts)
-    assert out.tolist() == [2.0, -1.0, 0.5, 3.0 - 0.5 - 0.5]  # only generated tokens count (OpenAI)
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    seen = torch.tensor([[True, True, False, False]])
+    counts = torch.tensor([[0.0, 0.0, 0.0, 2.0]])
+    out = apply_penalties(logits, rows(SamplingParams(repetition_penalty=2.0)), seen, counts)
+    assert out.tolist() == [[1.0, -2.0, 0.5, 1.5]]  # ids 0, 1 in the prompt, id 3 generated
+    out = apply_penalties(logits, rows(SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)), seen, counts)
+    assert out.tolist() == [[2.0, -1.0, 0.5, 3.0 - 0.5 - 0.5]]  # only generated tokens count (OpenAI)
 
 
 def test_holdback():
@@ -269,3 +299,83 @@ def test_a_kv_cache_larger_than_memory_is_refused():
     with pytest.raises(UserError, match=r"KV cache for 8 slots x 2147483647 positions needs 1024.0 GiB.*--context"):
         Engine(model, n_slots=8)
     assert Engine(model, n_slots=2, max_len=128).max_len == 128  # serve --context=128
+
+
+# ---------------------------------------------------------------------------- batched sampling, one-shot, parity
+
+def test_a_request_does_not_depend_on_its_batch_mates(tiny):
+    model, tok = tiny
+    prompt = tok.encode("once upon a time", bos=True)
+    mine = SamplingParams(max_tokens=30, temperature=0.8, top_p=0.9, seed=7)
+    alone = Engine(model, tok, n_slots=1).generate([prompt], [mine])[0].tokens
+    mates = [SamplingParams(max_tokens=12, temperature=0), SamplingParams(max_tokens=40, top_k=3, seed=1),
+             SamplingParams(max_tokens=25, temperature=1.3, min_p=0.1, repetition_penalty=1.5, presence_penalty=1.0,
+                            seed=2)]
+    others = [tok.encode(t, bos=True) for t in ("the dog", "hello there friend", "x")]
+    for order in ([0, 1, 2, 3], [3, 2, 1, 0]):  # first or last row of the batch
+        prompts, params = [prompt] + others, [mine] + mates
+        got = Engine(model, tok, n_slots=4).generate([prompts[i] for i in order], [params[i] for i in order])
+        assert got[order.index(0)].tokens == alone
+
+
+def test_one_host_sync_per_step(tiny, monkeypatch):
+    """All rows of a step come to the host in one transfer (the per-row sampler made one per row)."""
+    model, tok = tiny
+    engine = Engine(model, tok, n_slots=4)
+    params = [SamplingParams(max_tokens=20, temperature=t, top_k=k, repetition_penalty=r, seed=i)
+              for i, (t, k, r) in enumerate([(0, 0, 1.0), (1.0, 5, 1.0), (0.7, 0, 1.3), (1.2, 0, 1.0)])]
+    reqs = [engine.submit(tok.encode(t, bos=True), q) for t, q in zip(("ab", "cde", "f", "ghij"), params)]
+    calls = []
+    for name in ("tolist", "item", "cpu", "numpy", "__int__", "__float__", "__bool__", "__index__"):
+        orig = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=orig, _n=name, **k: (calls.append(_n), _o(self, *a, **k))[1])
+    for _ in range(3):  # the admission step (4 prefills) and two decode steps of 4 rows
+        calls.clear()
+        assert engine.step()
+        assert calls == ["tolist"]
+    monkeypatch.undo()
+    assert all(len(r.tokens) == 3 for r in reqs)
+
+
+def test_one_shot_generate_sizes_the_engine_and_restores_the_mode(tiny):
+    model, tok = tiny
+    prompts = [tok.encode(t, bos=True) for t in ("once", "the cat sat on")]
+    params = [SamplingParams(max_tokens=10, seed=1), SamplingParams(max_tokens=15, temperature=0)]
+    expected = [r.tokens for r in Engine(model, tok, n_slots=2).generate(prompts, params)]
+    model.train()
+    try:
+        got = generate(model, prompts, params, tok, n_slots=1)  # one slot: the second waits for the first
+        assert model.training
+    finally:
+        model.eval()
+    assert [r.tokens for r in got] == expected and [r.text for r in got] == [tok.decode(e) for e in expected]
+    assert generate(model, [], SamplingParams()) == []
+    with pytest.raises(UserError, match="one per prompt"):
+        generate(model, prompts, params[:1])
+    long = generate(model, [[0] * 120], SamplingParams(max_tokens=50, temperature=0))[0]  # context 128
+    assert long.finish_reason == "length" and len(long.tokens) == 128 - 120 + 1
+
+
+def test_greedy_equals_transformers_generate(tmp_path):
+    """Prompts of different lengths decode together in the engine; each equals HF's greedy generate alone."""
+    transformers = pytest.importorskip("transformers")
+    from ember.model.hf import import_hf
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   rms_norm_eps=1e-5, rope_theta=10000.0)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # weights large enough that logits are O(1-10): no near-ties for argmax to flip
+        for name, p in hf.named_parameters():
+            p.copy_(1 + 0.3 * torch.randn(p.shape) if name.endswith("norm.weight") else 0.15 * torch.randn(p.shape))
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    model = import_hf(tmp_path / "hf").eval()
+    prompts = [torch.randint(0, 128, (n,)).tolist() for n in (3, 11, 7)]
+    got = generate(model, prompts, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True),
+                   stop_ids=(cfg.eos_token_id,) if cfg.eos_token_id is not None else ())
+    with torch.no_grad():
+        for p, r in zip(prompts, got):
+            ref = hf.generate(torch.tensor([p]), max_new_tokens=20, min_new_tokens=20, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
+            assert r.tokens == ref and r.finish_reason == "length"

@@ -8,8 +8,12 @@
 The cache is a fixed set of slots, (n_layer, n_slots, n_kv_head, max_len, head_dim), with a length per slot.
 Each scheduler step admits waiting requests into free slots (a prefill of the prompt, alone), then runs ONE
 batched decode step for every running request, each at its own position with a padding mask over its own
-slot. Requests join and leave between steps (continuous batching, as Orca/vLLM, without paging). Each
-request samples with its own torch.Generator, so its output depends on its seed, never on its batch mates.
+slot. Requests join and leave between steps (continuous batching, as Orca/vLLM, without paging). All rows of
+a step are sampled together as tensor ops with per-row settings, and their ids come to the host in one
+transfer; each request draws its randomness from its own seeded generator, so its output depends on its seed,
+never on its batch mates or the device.
+
+    generate(model, [ids_a, ids_b], SamplingParams(max_tokens=20, seed=0), tokenizer)   # one-shot, offline
 """
 
 from __future__ import annotations
@@ -88,54 +92,107 @@ class Request:
         self.cancelled = True
 
 
-# ---------------------------------------------------------------------------- sampling
+# ---------------------------------------------------------------------------- sampling (batched)
 
-def apply_penalties(logits: torch.Tensor, p: SamplingParams, prompt_seen: torch.Tensor,
+# One scheduler step samples every row at once: penalties, temperature, top-k, top-p and min-p are tensor ops
+# on the (B, V) logits with per-row settings, and the only device->host transfer is the (B,) sampled ids.
+# Reproducibility is per request: each request's own CPU random.Random(seed) draws ONE uniform per token (on
+# the host, no sync), and the token is the inverse CDF of that uniform over the filtered probabilities in
+# vocabulary order. A row's token thus depends only on its own logits and its own uniform, never on its
+# batch mates or the device's RNG (vLLM's exponential race needs a device generator per request instead).
+
+_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+
+
+@dataclasses.dataclass
+class BatchParams:
+    """Per-row sampling settings as (B,) fp32 tensors on the device, plus host-side flags that let a step
+    skip what no row uses (off settings are exact identities, so skipping never changes a row's result)."""
+    temperature: torch.Tensor
+    top_k: torch.Tensor  # 0 or >= V = off
+    top_p: torch.Tensor
+    min_p: torch.Tensor
+    repetition_penalty: torch.Tensor
+    presence_penalty: torch.Tensor
+    frequency_penalty: torch.Tensor
+    uniform: torch.Tensor  # (B,) each row's draw in [0, 1) for the inverse CDF
+    greedy: bool = False  # every row has temperature 0
+    penalized: bool = True  # some row has a penalty on
+    filtered: tuple[bool, bool, bool] = (True, True, True)  # some row uses top-k / top-p / min-p
+
+    @staticmethod
+    def of(params: list[SamplingParams], device, uniform: list[float] | None = None) -> "BatchParams":
+        """One host->device copy for all rows' settings and draws."""
+        u = uniform if uniform is not None else [0.0] * len(params)
+        rows = [[float(getattr(p, f)) for f in _FIELDS] + [x] for p, x in zip(params, u)]
+        t = torch.tensor(rows, dtype=torch.float32).to(device).unbind(-1)  # 8 x (B,)
+        return BatchParams(*t, greedy=all(p.temperature == 0 for p in params),
+                           penalized=any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty
+                                         for p in params),
+                           filtered=(any(p.top_k > 0 for p in params), any(p.top_p < 1 for p in params),
+                                     any(p.min_p > 0 for p in params)))
+
+
+def apply_penalties(logits: torch.Tensor, bp: BatchParams, prompt_seen: torch.Tensor,
                     counts: torch.Tensor) -> torch.Tensor:
-    """logits (V,) fp32; prompt_seen (V,) bool = ids in the prompt; counts (V,) = times each id was generated."""
-    if p.repetition_penalty != 1.0:
-        seen = prompt_seen | (counts > 0)
-        pen = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
-        logits = torch.where(seen, pen, logits)
-    if p.presence_penalty or p.frequency_penalty:
-        logits = logits - p.presence_penalty * (counts > 0) - p.frequency_penalty * counts
-    return logits
+    """logits (B, V) fp32; prompt_seen (B, V) bool = ids in each row's prompt; counts (B, V) fp32 = times each
+    id was generated. Repetition (CTRL) on prompt and generated ids; presence/frequency (OpenAI) on generated only."""
+    rep = bp.repetition_penalty[:, None]  # (B, 1); 1 = off: x / 1 and x * 1 are exact
+    pen = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(prompt_seen | (counts > 0), pen, logits)
+    return logits - bp.presence_penalty[:, None] * (counts > 0) - bp.frequency_penalty[:, None] * counts
 
 
-def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+def filter_logits(logits: torch.Tensor, bp: BatchParams) -> torch.Tensor:
     """Temperature, then top-k, top-p, min-p (the order of HF's and vLLM's samplers): removed tokens get -inf.
-    logits (V,) fp32; temperature must be > 0 here (0 is argmax, handled by the caller)."""
-    logits = logits / p.temperature
-    if 0 < p.top_k < logits.numel():
-        kth = torch.topk(logits, p.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if p.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # drop a token when the mass BEFORE it already reaches top_p, so the most likely one always stays
-        drop = (probs.cumsum(-1) - probs) >= p.top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    if p.min_p > 0.0:
+    logits (B, V) fp32; rows with temperature 0 are divided by 1 here (argmax rows, chosen by the caller)."""
+    t = bp.temperature[:, None]
+    logits = logits / torch.where(t > 0, t, 1.0)
+    use_k, use_p, use_min = bp.filtered
+    V = logits.shape[-1]
+    if use_k or use_p:
+        # one sort serves both: the top-k cut removes a tail of the sorted order, so it stays sorted
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)  # (B, V)
+        if use_k:
+            k = bp.top_k.long()
+            k = torch.where((k > 0) & (k < V), k, V)[:, None]  # (B, 1); off -> the smallest logit: cuts nothing
+            kth = sorted_logits.gather(-1, k - 1)  # (B, 1); ties with the k-th are kept, as torch.topk's value cut
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+            sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+        if use_p:
+            probs = sorted_logits.softmax(-1)
+            # drop a token when the mass BEFORE it already reaches top_p, so the most likely one always stays;
+            # rows at top_p = 1 drop nothing (rounding could push a cumsum over 1.0)
+            drop = ((probs.cumsum(-1) - probs) >= bp.top_p[:, None]) & (bp.top_p < 1)[:, None]
+            logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    if use_min:
         probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
+        logits = logits.masked_fill(probs < bp.min_p[:, None] * probs.amax(-1, keepdim=True), float("-inf"))
     return logits
 
 
-def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None,
-           prompt_seen: torch.Tensor, counts: torch.Tensor) -> int:
-    """One token id from one row of logits (V,)."""
-    logits = apply_penalties(logits.float(), p, prompt_seen, counts)
-    if p.temperature == 0:
-        return int(torch.argmax(logits))
+def sample(logits: torch.Tensor, bp: BatchParams, prompt_seen: torch.Tensor | None = None,
+           counts: torch.Tensor | None = None) -> torch.Tensor:
+    """Next token ids (B,) on the device from logits (B, V): argmax where temperature is 0, else the inverse
+    CDF of bp.uniform over the filtered probabilities. No host sync: the caller reads all ids at once."""
+    logits = logits.float()
+    if bp.penalized:
+        logits = apply_penalties(logits, bp, prompt_seen, counts)
+    greedy = logits.argmax(-1)  # (B,)
+    if bp.greedy:
+        return greedy
     # extreme but legal settings (temperature 1e-30, repetition_penalty 1e-300) overflow fp32: cap +inf at the
-    # largest float (it then simply wins) and treat NaN as impossible, rather than feed NaN to multinomial
+    # largest float (it then simply wins) and treat NaN as impossible, rather than sample from NaN
     big = torch.finfo(torch.float32).max
-    filtered = filter_logits(logits, p).nan_to_num(nan=float("-inf"), posinf=big, neginf=float("-inf"))
-    probs = filtered.softmax(-1)
-    if not torch.isfinite(probs).all() or probs.sum() <= 0:
-        return int(torch.argmax(filtered))
-    # draw on the CPU with the request's CPU generator: the same seed gives the same tokens on any device
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+    filtered = filter_logits(logits, bp).nan_to_num(nan=float("-inf"), posinf=big, neginf=float("-inf"))
+    probs = filtered.softmax(-1)  # (B, V)
+    cdf = probs.cumsum(-1)  # (B, V), in vocabulary order
+    total = cdf[:, -1:]  # (B, 1): ~1, exactly what the cdf reaches
+    # u * total < total strictly (an fp32 u may round up to 1.0), so the search ends at a token with p > 0
+    target = torch.minimum(bp.uniform[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    drawn = torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+    bad = ~torch.isfinite(probs).all(-1) | (total[:, 0] <= 0)  # every token removed or overflowed: argmax
+    return torch.where(bp.temperature == 0, greedy, torch.where(bad, filtered.argmax(-1), drawn))
 
 
 def holdback(text: str, stops: tuple[str, ...]) -> int:
@@ -243,7 +300,11 @@ class Engine:
         self.thread: threading.Thread | None = None
         self.stopping = False
         self.steps = 0  # scheduler steps run (tests check that requests joined mid-flight)
-        self._state: dict[int, tuple] = {}  # id(request) -> (generator, prompt_seen, counts)
+        self._rng: dict[int, random.Random] = {}  # id(request) -> its generator: one uniform per sampled token
+        dev = self.cache.k.device
+        # per-slot penalty state, on the device so a step's penalties are tensor ops over the batch
+        self.prompt_seen = torch.zeros(n_slots, self.vocab_size, dtype=torch.bool, device=dev)  # (S, V) ids in the prompt
+        self.counts = torch.zeros(n_slots, self.vocab_size, device=dev)  # (S, V) fp32 times each id was generated
 
     # ------------------------------------------------------------------ requests in and out
 
@@ -376,18 +437,28 @@ class Engine:
         if not admitted and not running:
             return False
         self.steps += 1
-        if running:  # decode first so the newly admitted (which have no token to feed yet) do not wait
-            idx = torch.tensor([[r.tokens[-1]] for r in running], device=self.cache.k.device)
-            logits = self._forward(idx, [r.slot for r in running])
-            for r, row in zip(running, logits):
-                self._accept(r, row)
+        rows, dev = running + admitted, self.cache.k.device
         for r in admitted:
-            g = torch.Generator(device="cpu").manual_seed(r.seed)
-            seen = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.cache.k.device)
-            seen[torch.tensor(r.prompt, device=seen.device)] = True
-            self._state[id(r)] = (g, seen, torch.zeros(self.vocab_size, device=seen.device))
-            logits = self._forward(torch.tensor([r.prompt], device=seen.device), [r.slot])
-            self._accept(r, logits[0])
+            self._rng[id(r)] = random.Random(r.seed)
+        # one uniform per sampling row from its own generator (greedy rows draw none: their stream is untouched)
+        bp = BatchParams.of([r.params for r in rows], dev,
+                            [self._rng[id(r)].random() if r.params.temperature > 0 else 0.0 for r in rows])
+        logits = []  # (B_i, V) pieces in the order of rows
+        if running:  # decode first so the newly admitted (which have no token to feed yet) do not wait
+            idx = torch.tensor([[r.tokens[-1]] for r in running], device=dev)
+            logits.append(self._forward(idx, [r.slot for r in running]))
+        for r in admitted:  # a prefill each, alone (its own causal pass over the prompt)
+            prompt = torch.tensor(r.prompt, device=dev)
+            self.prompt_seen[r.slot] = False
+            self.prompt_seen[r.slot, prompt] = True
+            self.counts[r.slot] = 0
+            logits.append(self._forward(prompt[None], [r.slot]))
+        slots = torch.tensor([r.slot for r in rows], device=dev)
+        ids = sample(torch.cat(logits), bp, self.prompt_seen[slots] if bp.penalized else None,
+                     self.counts[slots] if bp.penalized else None)  # (B,) on the device
+        self.counts[slots, ids] += 1  # slots are distinct: no two rows write the same cell
+        for r, tok in zip(rows, ids.tolist()):  # the step's one device->host transfer
+            self._accept(r, tok)
         return True
 
     def _forward(self, idx: torch.Tensor, slots: list[int]) -> torch.Tensor:
@@ -401,7 +472,7 @@ class Engine:
         self.cache.set_rows(slots, T)
         starts = self.cache.start_t
         positions = starts[:, None] + torch.arange(T, device=idx.device)  # (B, T)
-        cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta)
+        cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta)  # the engine's one RoPE call site
         if T > 1:  # prefill of one fresh slot: keys are exactly the T queries, plain causal
             assert B == 1 and self.cache.lengths[slots[0]] == 0
             mask, is_causal = None, True
@@ -415,12 +486,9 @@ class Engine:
         x = m.norm(x[:, -1])  # (B, n_embd): only the last position predicts the next token
         return m.head(x)
 
-    def _accept(self, r: Request, logits: torch.Tensor) -> None:
-        """Sample the next token of r from its logits (V,), update its text, stream, and finish it if done."""
-        g, seen, counts = self._state[id(r)]
-        tok = sample(logits, r.params, g, seen, counts)
+    def _accept(self, r: Request, tok: int) -> None:
+        """Append r's next token, update its text, stream, and finish it if done."""
         r.tokens.append(tok)
-        counts[tok] += 1
         p = r.params
         if (tok in self.stop_ids and not p.ignore_eos) or tok in p.stop_token_ids:
             return self._finish(r, "stop", text_ids=r.tokens[:-1])
@@ -466,8 +534,31 @@ class Engine:
                 self.slots[r.slot] = None
             if r in self.waiting:
                 self.waiting.remove(r)
-        self._state.pop(id(r), None)
+        self._rng.pop(id(r), None)
         delta = r.text[r.sent:] if reason in ("stop", "length") else ""
         r.sent = len(r.text)
         r.done.set()
         self._notify(r, delta)
+
+
+# ---------------------------------------------------------------------------- one-shot, for offline callers
+
+def generate(model: GPT, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
+             tokenizer=None, stop_ids: tuple[int, ...] | list[int] = (), n_slots: int = 64) -> list[Request]:
+    """Generate for every prompt (token ids) with an engine sized to them, in input order; blocks until done.
+
+    The cache holds the longest prompt + the largest max_tokens (capped at the model's context), in up to
+    n_slots rows at once; the rest wait for a free slot. The model's train/eval mode is restored after.
+    tokenizer (decode(ids) -> str) is needed for Request.text and stop strings only."""
+    plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+    require(len(plist) == len(prompts), "params", f"{len(plist)} SamplingParams", f"one per prompt ({len(prompts)})")
+    if not prompts:
+        return []
+    need = max(len(p) for p in prompts) + max(q.max_tokens for q in plist)
+    was_training = model.training
+    try:
+        engine = Engine(model, tokenizer, n_slots=max(1, min(n_slots, len(prompts))), max_len=need,
+                        max_queue=len(prompts), stop_ids=stop_ids)
+        return engine.generate(prompts, plist)
+    finally:
+        model.train(was_training)
