@@ -4,8 +4,8 @@
     ember sample --checkpoint=runs/demo/pretrain/step_000400 --temperature=0.8 --max_new_tokens=200
 
 Writes `<run>/sample/samples.md` (readable) and `samples.jsonl` ({"prompt", "completion"} per line). The
-same `generate` prints samples during pretraining. Decoding uses the model's KV cache: one forward over the
-prompt, then one token at a time.
+same `sample_prompts` prints samples during pretraining. Decoding runs on the shared engine (model/engine.py):
+KV cache, all prompts in one batch.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import torch
 from ember.common import artifacts
 from ember.common.config import require
 from ember.common.log import print0
+from ember.model import engine
+from ember.model.engine import SamplingParams
 
 # Openings of Python code, prose and docs: the default corpus is the standard library. No trailing spaces:
 # BPE folds a space into the next word's token, so "def " would leave the model to start a token mid-word.
@@ -51,49 +53,39 @@ PRESETS = {
 }
 
 
-@torch.no_grad()
+def _seed(generator: torch.Generator | None) -> int:
+    """A request seed from `generator` (None = torch's global RNG, so torch.manual_seed reproduces a run)."""
+    return int(torch.randint(0, 2 ** 62, (1,), generator=generator))
+
+
+def _params(prompt_ids: list[int], limit: int, max_new_tokens: int, temperature: float, top_k: int,
+            generator: torch.Generator | None):
+    prompt_ids = prompt_ids[-(limit - 1):]  # keep room for at least one new token
+    return prompt_ids, SamplingParams(max_tokens=min(max_new_tokens, limit - len(prompt_ids)), temperature=temperature,
+                                      top_k=top_k, seed=_seed(generator))
+
+
 def generate(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.8, top_k: int = 50,
              generator: torch.Generator | None = None, stop_id: int | None = None) -> list[int]:
-    """Continue one prompt; returns only the new ids (stops early at stop_id, which is not returned)."""
-    device = next(model.parameters()).device
-    limit = model.config.max_seq_len
-    prompt_ids = prompt_ids[-(limit - 1):]  # keep room for at least one new token
-    max_new_tokens = min(max_new_tokens, limit - len(prompt_ids))
-    cache = model.new_cache(1, len(prompt_ids) + max_new_tokens)
-    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T) prompt, then (1, 1) per step
-    out: list[int] = []
-    for _ in range(max_new_tokens):
-        logits = model(idx, cache=cache)[:, -1, :].float()  # (1, V) at the last position
-        if temperature == 0:
-            nxt = logits.argmax(dim=-1, keepdim=True)
-        else:
-            logits = logits / temperature
-            if top_k:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            probs = torch.softmax(logits, dim=-1)
-            nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(device)  # (1, 1)
-        token = int(nxt)
-        if token == stop_id:
-            break
-        out.append(token)
-        idx = nxt
-    return out
+    """Continue one prompt; returns only the new ids (stops early at stop_id, which is not returned).
+    Runs on model/engine.py; its seed is drawn from `generator`."""
+    ids, params = _params(prompt_ids, model.config.max_seq_len, max_new_tokens, temperature, top_k, generator)
+    out = engine.generate(model, [ids], params, stop_ids=() if stop_id is None else (stop_id,))[0].tokens
+    return out[:-1] if out and out[-1] == stop_id else out
 
 
 def sample_prompts(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 0.8,
                    top_k: int = 50, seed: int = 0) -> list[dict]:
-    """[{"prompt", "completion", "tokens"}] for each prompt; deterministic for a seed (own generator, global RNG
-    untouched, so sampling inside a training loop does not change the run)."""
-    was_training = model.training
-    model.eval()
+    """[{"prompt", "completion", "tokens"}] for each prompt, all decoded as one batch; deterministic for a seed
+    (own generator, global RNG untouched, so sampling inside a training loop does not change the run)."""
     gen = torch.Generator().manual_seed(seed)
+    limit, eos = model.config.max_seq_len, tokenizer.eos_id
+    # pretraining data marks a document start with <|eos|>
+    jobs = [_params([eos] + tokenizer.encode(p), limit, max_new_tokens, temperature, top_k, gen) for p in prompts]
     out = []
-    for p in prompts:
-        ids = [tokenizer.eos_id] + tokenizer.encode(p)  # pretraining data marks a document start with <|eos|>
-        new = generate(model, ids, max_new_tokens, temperature, top_k, gen, stop_id=tokenizer.eos_id)
+    for p, r in zip(prompts, engine.generate(model, [i for i, _ in jobs], [q for _, q in jobs], stop_ids=(eos,))):
+        new = r.tokens[:-1] if r.tokens and r.tokens[-1] == eos else r.tokens
         out.append({"prompt": p, "completion": tokenizer.decode(new), "tokens": len(new)})
-    model.train(was_training)
     return out
 
 
