@@ -1,8 +1,10 @@
-"""Shared fixtures for eval tests: a byte tokenizer and a fixed-logit bigram model with known log-probs."""
+"""Shared fixtures for eval tests: a byte tokenizer and a fixed-logit bigram model with known log-probs, which
+generation reaches through FixedLogitModel (the GPT interface the engine decodes with)."""
 
 from __future__ import annotations
 
 import math
+import types
 from pathlib import Path
 
 import pytest
@@ -42,6 +44,50 @@ class Bigram:
         return float(torch.log_softmax(self.table[prev].double(), -1)[nxt])
 
 
+class _Prefix(torch.nn.Module):
+    """The one 'block' of FixedLogitModel: the engine's KV cache stores each row's token ids (as keys), so the
+    block reads back every row's whole prefix and returns fn(prefix)'s last scores, (B, T, V) broadcast over T."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x, cos, sin, mask, is_causal, cache):
+        k = x[:, None]  # (B, 1, T, 2): the ids, as the engine's 1 kv head of dim 2
+        keys, _ = cache.update(0, k, k)  # (B, 1, end, 2), every position this row's cache holds so far
+        ids = keys[:, 0, :, 0].long()  # (B, end)
+        if is_causal:  # prefill of one fresh slot: the keys are exactly the prompt
+            prefixes = [ids[0]]
+        else:  # decode: mask (B, 1, 1, end) marks each row's own positions
+            prefixes = [row[m] for row, m in zip(ids, mask[:, 0, 0])]
+        last = torch.stack([self.fn(p[None])[0, -1].float() for p in prefixes])  # (B, V)
+        return last[:, None].expand(-1, x.shape[1], -1), None
+
+
+class FixedLogitModel(torch.nn.Module):
+    """A scoring callable fn(idx (B, T)) -> (B, T, V) with the minimal GPT interface the generation engine uses
+    (config, tok_emb, layers, norm, head): the engine's own decode loop drives test models whose outputs are
+    known by hand. Each decode step re-runs fn on the row's prefix (fine for tiny fixed models)."""
+
+    def __init__(self, fn, vocab_size: int = 258, max_len: int = 64):
+        super().__init__()
+        self.config = types.SimpleNamespace(vocab_size=vocab_size, max_seq_len=max_len, n_layer=1, n_kv_head=1,
+                                            head_dim=2, rope_theta=10000.0)
+        self.tok_emb = torch.nn.Embedding(vocab_size, 2)
+        with torch.no_grad():  # embedding of id i = (i, i): ids up to 2^24 are exact in fp32
+            self.tok_emb.weight.copy_(torch.arange(vocab_size, dtype=torch.float)[:, None].expand(-1, 2))
+        self.layers = torch.nn.ModuleList([_Prefix(fn)])
+        self.norm = torch.nn.Identity()
+
+    def head(self, x):
+        return x
+
+
+def fixed_lm(fn, max_len: int = 64, **kw) -> EvalLM:
+    """An EvalLM over fn that can also generate (through FixedLogitModel)."""
+    return EvalLM(fn=fn, tokenizer=ByteTokenizer(), max_len=max_len, model=FixedLogitModel(fn, max_len=max_len), **kw)
+
+
 @pytest.fixture
 def bigram():
     g = torch.Generator().manual_seed(0)
@@ -50,7 +96,7 @@ def bigram():
 
 @pytest.fixture
 def lm(bigram):
-    return EvalLM(fn=bigram, tokenizer=ByteTokenizer(), max_len=64, batch_size=4)
+    return fixed_lm(bigram, 64, batch_size=4)
 
 
 def datasets_or_skip(*parts: str) -> Path:

@@ -1,4 +1,5 @@
-"""Scoring against a fixed-logit bigram model whose log-likelihoods are computed by hand."""
+"""Scoring against a fixed-logit bigram model whose log-likelihoods are computed by hand; generation through
+the shared engine, with that model behind the GPT interface and with a tiny GPT."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 from ember.common.errors import UserError
 from ember.eval.scoring import EvalLM, cut_at_stop, generate, loglikelihood, rolling_loglikelihood, rolling_windows
 
-from .conftest import ByteTokenizer, close
+from .conftest import ByteTokenizer, close, fixed_lm
 
 
 def hand(bigram, ids: list[int], start: int) -> float:
@@ -90,7 +91,7 @@ def test_rolling_loglikelihood_equals_full_sum(bigram):
 
 
 def test_greedy_generation_follows_argmax_and_stops(bigram):
-    lm = EvalLM(fn=bigram, tokenizer=ByteTokenizer(), max_len=64, stop_ids=(256, 257))
+    lm = fixed_lm(bigram, 64, stop_ids=(256, 257))
     out = generate(lm, "a", max_new_tokens=8)[0]
     expect, prev = [], ord("a")
     for _ in range(8):
@@ -104,7 +105,7 @@ def test_greedy_generation_follows_argmax_and_stops(bigram):
 
 
 def test_sampling_is_seeded_and_batched(bigram):
-    lm = EvalLM(fn=bigram, tokenizer=ByteTokenizer(), max_len=64)
+    lm = fixed_lm(bigram, 64)
     a = generate(lm, "x", max_new_tokens=6, n=4, temperature=1.0, seed=3)
     b = generate(lm, "x", max_new_tokens=6, n=4, temperature=1.0, seed=3)
     assert a == b and len(a) == 4 and len(set(a)) > 1
@@ -121,6 +122,15 @@ def test_gpt_generation_with_kv_cache_matches_recompute():
 
     torch.manual_seed(0)
     model = build_model(GPTConfig(vocab_size=258, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, max_seq_len=64)).eval()
-    cached = gpt_lm(model, ByteTokenizer())
-    plain = EvalLM(fn=lambda idx: model(idx), tokenizer=ByteTokenizer(), max_len=64)  # no .model: recompute path
-    assert generate(cached, "hi", max_new_tokens=12) == generate(plain, "hi", max_new_tokens=12)
+    with torch.no_grad():  # logits far from uniform, so greedy has no near-ties
+        model.lm_head.weight.mul_(30)
+    ids = [256] + list(b"hi")
+    with torch.no_grad():
+        for _ in range(12):  # no cache: the whole sequence every step
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    new = ids[3:]
+    new = new[:new.index(257)] if 257 in new else new  # EOS ends the generation, and is not text
+    assert generate(gpt_lm(model, ByteTokenizer()), "hi", max_new_tokens=12) == [ByteTokenizer().decode(new)]
+    plain = EvalLM(fn=lambda idx: model(idx), tokenizer=ByteTokenizer(), max_len=64)  # no .model to decode with
+    with pytest.raises(UserError, match="needs the model"):
+        generate(plain, "hi")

@@ -13,7 +13,7 @@ from ember.common.errors import UserError
 from ember.eval.scoring import EvalLM
 from ember.eval.tasks import Options, arc, get, gsm8k, hellaswag, humaneval, mmlu, multiple_choice, perplexity, reference
 
-from .conftest import ASSETS, ByteTokenizer, close, datasets_or_skip
+from .conftest import ASSETS, ByteTokenizer, close, datasets_or_skip, fixed_lm
 
 
 class Uniform:
@@ -40,7 +40,7 @@ class Scripted:
 
 
 def scripted_lm(texts):
-    return EvalLM(fn=Scripted(texts), tokenizer=ByteTokenizer(), max_len=4096, stop_ids=(257,))
+    return fixed_lm(Scripted(texts), 4096, stop_ids=(257,))
 
 
 @pytest.mark.parametrize("loader,parts,count", [
@@ -168,6 +168,26 @@ def test_gsm8k_answer_without_final_number_is_refused(tmp_path):
     f.write_text('{"question": "2+2?", "answer": "2+2 = 4\\n#### 4"}\n\n{"question": "3+3?", "answer": "It is 6"}\n')
     with pytest.raises(UserError, match=r"g.jsonl:3: the answer has no final '#### <number>' line"):  # file line
         gsm8k.load(f)
+
+
+def test_task_files_from_parquet_and_hf(tmp_path):
+    """A task reads Parquet and hf: sources (a local folder here) as it reads JSONL; errors name the row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pytest.importorskip("datasets")
+    rows = [{"question": "2+2?", "answer": "2+2 = 4\n#### 4"}, {"question": "3+3?", "answer": "It is 6"}]
+    pq.write_table(pa.Table.from_pylist(rows[:1]), tmp_path / "g.parquet")
+    assert [it["target"] for it in gsm8k.load(tmp_path / "g.parquet")] == ["4"]
+    (tmp_path / "gsm").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows[:1]), tmp_path / "gsm" / "test.parquet")
+    items = gsm8k.load(f"hf:{tmp_path / 'gsm'}:test")
+    assert [(it["question"], it["target"]) for it in items] == [("2+2?", "4")]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "gsm" / "test.parquet")
+    with pytest.raises(UserError, match=r"hf:.*gsm\[test\]#1: the answer has no final"):
+        gsm8k.load(f"hf:{tmp_path / 'gsm'}:test")
+    pq.write_table(pa.Table.from_pylist([{"text": "hello world"}]), tmp_path / "gsm" / "test.parquet")
+    assert [it["text"] for it in perplexity.load(f"hf:{tmp_path / 'gsm'}:test")] == ["hello world"]
 
 
 def test_gsm8k_generation_exact_match_with_scripted_model():

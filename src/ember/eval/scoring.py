@@ -4,7 +4,7 @@ A model is any callable `fn(idx) -> (B, T, V)` scores for int64 token ids idx (B
 logits (both are normalized here with a logsumexp, so either works). Tests use a fixed-logit model whose
 log-likelihoods are known by hand; the real path wraps ember's GPT (`load_lm`). `EvalLM` bundles the
 callable with a tokenizer and does what every task needs: score (context, continuation) pairs, score a
-long text in windows, and generate until a stop string.
+long text in windows, and generate until a stop string (on the shared engine, so it needs the GPT itself).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from typing import Any, Callable
 import torch
 
 from ember.common.errors import UserError
+from ember.model import engine
+from ember.model.engine import SamplingParams
 
 LogProbFn = Callable[[torch.Tensor], torch.Tensor]  # idx (B, T) int64 -> (B, T, V) log-probs or logits
 
@@ -28,7 +30,7 @@ class EvalLM:
     batch_size: int = 16  # rows per forward pass when scoring
     device: str = "cpu"
     add_bos: bool = True  # start every scored sequence with BOS, as ember's pretraining documents do
-    model: Any = None  # the GPT behind fn, if any: generation then uses its KV cache
+    model: Any = None  # the GPT behind fn, if any: generation needs it (the engine decodes with its KV cache)
     stop_ids: tuple[int, ...] = ()  # token ids that end a generation (EOS, <|end|>)
 
     @property
@@ -125,60 +127,30 @@ def rolling_loglikelihood(lm: EvalLM, ids: list[int], stride: int = 0) -> list[t
     return [(lp, b - a) for (lp, _), (_, a, b) in zip(scored, wins)]
 
 
-@torch.inference_mode()
 def generate(lm: EvalLM, prompt: str, max_new_tokens: int = 128, stop: tuple[str, ...] = (), n: int = 1,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[str]:
     """n completions of prompt (greedy when temperature is 0), each cut before the first stop string.
 
-    The n samples decode as one batch; with a GPT behind lm, incrementally through its KV cache, otherwise
-    by re-running fn on the whole prefix each step (fine for the small fixed models of tests)."""
+    The n samples decode as one batch on the shared engine (model/engine.py), through lm.model's KV cache;
+    sample i's seed is drawn from a generator seeded with `seed`, so the same seed gives the same texts."""
+    if lm.model is None:
+        raise UserError("generation needs the model behind the EvalLM (lm.model, e.g. from gpt_lm or load_lm): a "
+                        "bare scoring function cannot be decoded with a KV cache")
     # a budget over half the context would leave the prompt little room: short-context models generate less
     max_new_tokens = min(max_new_tokens, lm.max_len // 2)
     ids = (lm.prefix + lm.tokenizer.encode(prompt))[-(lm.max_len - max_new_tokens):]  # keep the prompt's end
     gen = torch.Generator().manual_seed(seed)
-    x = torch.tensor([ids] * n, dtype=torch.long, device=lm.device)  # (n, T)
-    cache = lm.model.new_cache(n, len(ids) + max_new_tokens) if hasattr(lm.model, "new_cache") else None
-    out: list[list[int]] = [[] for _ in range(n)]
-    done = [False] * n
-    step_in = x
-    for _ in range(max_new_tokens):
-        if cache is not None:
-            logits = lm.model(step_in, cache=cache)[:, -1].float()  # (n, V)
-        else:
-            logits = lm.fn(x)[:, -1].float()
-        nxt = _sample(logits, temperature, top_p, gen).to(x.device)  # (n,)
-        x = torch.cat([x, nxt[:, None]], dim=1)
-        step_in = nxt[:, None]
-        for r in range(n):
-            if done[r]:
-                continue
-            t = int(nxt[r])
-            if t in lm.stop_ids:
-                done[r] = True
-                continue
-            out[r].append(t)
-            if stop and any(s in lm.tokenizer.decode(out[r][-64:]) for s in stop):
-                done[r] = True
-        if all(done):
-            break
-    return [cut_at_stop(lm.tokenizer.decode(o), stop) for o in out]
+    seeds = torch.randint(0, 2 ** 62, (n,), generator=gen).tolist()
+    params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=tuple(s for s in stop if s),
+                             seed=s) for s in seeds]
+    # the engine's text excludes a final stop id and is cut before a stop string; cut_at_stop also catches a stop
+    # string that a later one in `stop` overlapped
+    return [cut_at_stop(r.text, stop) for r in engine.generate(lm.model, [ids] * n, params, lm.tokenizer, lm.stop_ids)]
 
 
 def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
     cut = min((text.find(s) for s in stop if s and s in text), default=len(text))
     return text[:cut]
-
-
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> torch.Tensor:
-    """Next token ids (n,) from logits (n, V): argmax at temperature 0, else nucleus sampling."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.cpu() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        keep = sorted_p.cumsum(dim=-1) - sorted_p < top_p  # always keeps the most likely token
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
 # ---------------------------------------------------------------------------- the real model
