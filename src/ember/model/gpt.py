@@ -19,11 +19,14 @@ from ember.common.config import require
 from ember.common.errors import UserError
 
 
+ROPE_SCALINGS = ("", "linear", "dynamic", "llama3", "yarn")
+
+
 @dataclass
 class GPTConfig:
     vocab_size: int = 8192  # tokens in the vocabulary; 0 = not set yet (the stage fills it from the tokenizer)
     n_layer: int = 4  # transformer blocks (the `depth` of GPTConfig.from_depth)
-    n_head: int = 4  # query heads; head_dim = n_embd / n_head
+    n_head: int = 4  # query heads; head_dim = head_size or n_embd / n_head
     n_kv_head: int = 4  # key/value heads (GQA): each serves n_head / n_kv_head query heads; = n_head is plain MHA
     n_embd: int = 256  # residual stream width
     ffn_hidden: int = 0  # SwiGLU hidden width per MLP/expert; 0 = 8/3 * n_embd rounded up to a multiple of 64
@@ -36,13 +39,25 @@ class GPTConfig:
     n_expert_active: int = 2  # experts each token is routed to (top-k), when n_expert > 0
     moe_aux_coef: float = 0.01  # weight of the load-balancing loss (Switch Transformer, 1 at perfect balance)
     moe_z_coef: float = 0.001  # weight of the router z-loss (ST-MoE: keeps router logits small)
+    moe_norm_topk: bool = True  # rescale the top-k router weights to sum to 1 (Mixtral; Qwen3-MoE's norm_topk_prob)
+    head_size: int = 0  # width of each q/k/v head; 0 = n_embd // n_head (Qwen3 fixes it, e.g. 128 at any width)
+    attn_bias: bool = False  # biases on the q/k/v projections (Qwen2/2.5); o_proj never has one
+    rope_scaling: str = ""  # RoPE context extension: "" none, linear, dynamic (NTK), llama3, yarn (see rope_inv_freq)
+    rope_factor: float = 1.0  # how many times the context is stretched beyond rope_original_max
+    rope_original_max: int = 0  # the pretraining context (tokens) the scaling stretches; 0 = max_seq_len
+    rope_low_rot: float = 1.0  # llama3 low_freq_factor / yarn beta_slow: fewer turns over the original context: / factor
+    rope_high_rot: float = 32.0  # llama3 high_freq_factor (4) / yarn beta_fast (32): more turns than this: kept as is
+    rope_attn_factor: float = 0.0  # yarn's multiplier on cos/sin (attention temperature); 0 = 0.1 ln(rope_factor) + 1
+    rope_truncate: bool = True  # yarn: round the ramp's bounds to whole dims, as the paper's code (gpt-oss: false)
+    hf_model_type: str = ""  # HF family an import came from (mistral, qwen2, ...) for export; "" = from the features
 
     def __post_init__(self):
         require(self.vocab_size >= 0, "model.vocab_size", self.vocab_size, "an int >= 1 (0 = set from the tokenizer)")
         for name in ("n_layer", "n_head", "n_kv_head", "n_embd", "max_seq_len"):
             require(getattr(self, name) >= 1, f"model.{name}", getattr(self, name), "an int >= 1")
-        require(self.n_embd % self.n_head == 0 and (self.n_embd // self.n_head) % 2 == 0, "model.n_embd",
-                self.n_embd, f"a multiple of 2 * n_head (= {2 * self.n_head}) so heads have an even RoPE width")
+        require(self.head_size >= 0 and (self.head_size or self.n_embd / self.n_head) % 2 == 0, "model.n_embd/head_size",
+                (self.n_embd, self.head_size), f"an even head_size, or 0 and n_embd a multiple of 2 * n_head "
+                f"(= {2 * self.n_head}): heads need an even RoPE width")
         require(self.n_head % self.n_kv_head == 0, "model.n_kv_head", self.n_kv_head,
                 f"a divisor of n_head = {self.n_head}")
         require(self.ffn_hidden >= 0, "model.ffn_hidden", self.ffn_hidden, "an int >= 0 (0 = derived)")
@@ -54,10 +69,20 @@ class GPTConfig:
                     f"an int in [1, n_expert = {self.n_expert}]")
         require(self.moe_aux_coef >= 0 and self.moe_z_coef >= 0, "model.moe_aux_coef/moe_z_coef",
                 (self.moe_aux_coef, self.moe_z_coef), "floats >= 0")
+        require(self.rope_scaling in ROPE_SCALINGS, "model.rope_scaling", self.rope_scaling, f"one of {ROPE_SCALINGS}")
+        require(self.rope_factor > 0 and self.rope_original_max >= 0 and self.rope_high_rot > self.rope_low_rot > 0,
+                "model.rope_*", (self.rope_factor, self.rope_original_max, self.rope_low_rot, self.rope_high_rot),
+                "rope_factor > 0, rope_original_max >= 0, 0 < rope_low_rot < rope_high_rot")
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.head_size or self.n_embd // self.n_head
+
+    def rope(self, positions: torch.Tensor):
+        """cos, sin (B or 1, T, 1, head_dim) of this model's RoPE, scaling included, at positions (B or 1, T)."""
+        # unscaled (the training default): not one op more than plain RoPE
+        return _cos_sin(positions, *rope_inv_freq(self, positions)) if self.rope_scaling else \
+            rope_cos_sin(positions, self.head_dim, self.rope_theta)
 
     @property
     def ffn_dim(self) -> int:
@@ -97,15 +122,50 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):
-    """cos, sin of shape (B or 1, T, 1, head_dim) for integer positions (B or 1, T).
+    """cos, sin of shape (B or 1, T, 1, head_dim) of plain RoPE for integer positions (B or 1, T); a model's own
+    (scaling included) is `config.rope(positions)`. Computed on the fly (a few thousand trig ops per forward): no
+    buffer to materialize after meta-device construction. Same formula and fp32 arithmetic as HF Llama's."""
+    return _cos_sin(positions, 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float,
+                                                              device=positions.device) / head_dim)))
 
-    Computed on the fly (a few thousand trig ops per forward): no buffer to materialize after meta-device
-    construction and any position works. Same formula and fp32 arithmetic as HF Llama's default RoPE.
-    """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=positions.device) / head_dim))
+
+def _cos_sin(positions, inv_freq, mult: float = 1.0):
     freqs = positions[..., None].float() * inv_freq  # (B, T, head_dim/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, head_dim): frequency i drives dims i and i + head_dim/2
-    return emb.cos()[:, :, None, :], emb.sin()[:, :, None, :]
+    cos, sin = emb.cos()[:, :, None, :], emb.sin()[:, :, None, :]
+    return (cos, sin) if mult == 1.0 else (cos * mult, sin * mult)
+
+
+def rope_inv_freq(c: GPTConfig, positions: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (head_dim/2,) fp32 of c's scaled RoPE, and the multiplier of its cos/sin.
+
+    Frequency i turns orig * inv[i] / 2pi times over the original context orig; the scalings slow the ones that
+    turn few times, so positions past orig look like ones seen in pretraining. Formulas and fp32 order of
+    operations as transformers' modeling_rope_utils, so imported models match it to 1e-5.
+    """
+    d, s, orig, dev = c.head_dim, c.rope_factor, c.rope_original_max or c.max_seq_len, positions.device
+    exps = torch.arange(0, d, 2, dtype=torch.float, device=dev) / d  # 2i/d, (d/2,)
+    if c.rope_scaling == "dynamic":  # NTK-aware (bloc97, emozilla 2023): a larger base once T outgrows orig
+        T = (positions.max() + 1).clamp(min=orig)  # this forward's length, a tensor (no host sync), as HF
+        return 1.0 / (c.rope_theta * (s * T / orig - (s - 1)) ** (d / (d - 2))) ** exps, 1.0
+    inv = 1.0 / (c.rope_theta ** exps)
+    if c.rope_scaling == "linear":  # position interpolation (Chen et al. 2023, arXiv:2306.15595): m -> m / s
+        return inv / s, 1.0
+    # llama3 and yarn blend interpolated (inv / s) and original frequencies by a ramp `keep` (1 = original)
+    if c.rope_scaling == "llama3":  # Meta's Llama 3.1 apply_scaling: ramp linear in turns over orig
+        return _blend(inv, s, (orig / (2 * math.pi / inv) - c.rope_low_rot) / (c.rope_high_rot - c.rope_low_rot)), 1.0
+    # yarn (Peng et al. 2023, arXiv:2309.00071, eq. 18-21): ramp linear in the dim index, between the dims that
+    # turn beta_fast and beta_slow times; cos/sin times the attention temperature sqrt(1/t) = 0.1 ln s + 1
+    lo, hi = (d * math.log(orig / (turns * 2 * math.pi)) / (2 * math.log(c.rope_theta))
+              for turns in (c.rope_high_rot, c.rope_low_rot))  # fractional dim index turning `turns` times
+    lo, hi = (max(math.floor(lo), 0), min(math.ceil(hi), d - 1)) if c.rope_truncate else (max(lo, 0), min(hi, d - 1))
+    ramp = (torch.arange(d // 2, dtype=torch.float, device=dev) - lo) / (hi - lo if hi != lo else 0.001)
+    return _blend(inv, s, 1 - ramp), c.rope_attn_factor or (0.1 * math.log(s) + 1 if s > 1 else 1.0)
+
+
+def _blend(inv, s, keep):
+    keep = keep.clamp(0, 1)
+    return inv / s * (1 - keep) + inv * keep
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -151,9 +211,9 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         d = config.n_embd
-        self.q_proj = nn.Linear(d, self.n_head * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(d, self.n_kv_head * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(d, self.n_kv_head * self.head_dim, bias=False)
+        self.q_proj = nn.Linear(d, self.n_head * self.head_dim, bias=config.attn_bias)
+        self.k_proj = nn.Linear(d, self.n_kv_head * self.head_dim, bias=config.attn_bias)
+        self.v_proj = nn.Linear(d, self.n_kv_head * self.head_dim, bias=config.attn_bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, d, bias=False)
         self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
@@ -190,11 +250,11 @@ class MLP(nn.Module):
 
 class MoE(nn.Module):
     """Top-k mixture of SwiGLU experts (Mixtral routing: softmax over all experts, keep the top k,
-    renormalize their weights to sum to 1). Returns the output and the layer's (aux, z) losses."""
+    renormalize their weights to sum to 1 unless moe_norm_topk is off). Returns the output and (aux, z) losses."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.n_expert, self.k = config.n_expert, config.n_expert_active
+        self.n_expert, self.k, self.norm_topk = config.n_expert, config.n_expert_active, config.moe_norm_topk
         self.router = nn.Linear(config.n_embd, config.n_expert, bias=False)
         self.experts = nn.ModuleList(MLP(config) for _ in range(config.n_expert))
 
@@ -204,7 +264,8 @@ class MoE(nn.Module):
         logits = self.router(x).float()  # (N, E); routing in fp32 even under autocast
         probs = logits.softmax(dim=-1)
         top_p, top_i = probs.topk(self.k, dim=-1)  # (N, k)
-        top_p = top_p / top_p.sum(dim=-1, keepdim=True)
+        if self.norm_topk:
+            top_p = top_p / top_p.sum(dim=-1, keepdim=True)
         out = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):
             # every expert runs (on possibly zero rows) so all get a gradient and there is no host sync
@@ -354,12 +415,14 @@ class GPT(nn.Module):
         """Fill every parameter (after `to_empty`); deterministic given torch.manual_seed on one device.
 
         Normal(0, 0.02) everywhere (GPT-2), residual output projections (o_proj, down_proj) scaled by
-        1/sqrt(2 * n_layer) so the residual stream's variance does not grow with depth; norm gains 1.
+        1/sqrt(2 * n_layer) so the residual stream's variance does not grow with depth; norm gains 1, biases 0.
         """
         std = 0.02
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
             else:
@@ -383,7 +446,7 @@ class GPT(nn.Module):
         if positions is None:
             positions = doc_positions(doc_ids) if doc_ids is not None else \
                 torch.arange(start, start + T, device=idx.device).unsqueeze(0)
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        cos, sin = self.config.rope(positions)
         mask, is_causal = self._attn_mask(T, start, doc_ids, cache, idx.device)
 
         x = self.tok_emb(idx)  # (B, T, n_embd)
