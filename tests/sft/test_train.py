@@ -81,7 +81,8 @@ def test_lora_run_learns_and_writes_adapter_and_merged_model(run_folder, capsys)
     merged = load_model(out / "final", device="cpu")
     base_plus = load_adapter(out / "final", load_model(run_folder / "pretrain" / "final", device="cpu"))
     idx = torch.randint(0, merged.config.vocab_size, (2, 24))
-    torch.testing.assert_close(logits(merged, idx), logits(base_plus, idx), atol=1e-5, rtol=1e-5)
+    # fp32: x (W + BA) and xW + (xA)B round differently, ~1e-5 on these logits once the adapter has learned
+    torch.testing.assert_close(logits(merged, idx), logits(base_plus, idx), atol=1e-4, rtol=1e-4)
     assert "step 00020/00020" in capsys.readouterr().out
     assert train.main(config(run_folder, method="lora", **LEARN)) == m  # finished run with same config: cached
 
