@@ -94,9 +94,11 @@ def test_saved_file_loads_in_tokenizers_and_transformers(tok, tok_dir):
 
     text = "def f(x):\n    return x + 1  # ünïcode\n"
     raw = HFTokenizer.from_file(str(tok_dir / "tokenizer.json"))
-    assert raw.encode(text).ids == tok.encode(text)
+    assert raw.encode(text, add_special_tokens=False).ids == tok.encode(text)
+    assert raw.encode(text).ids == [tok.bos_id] + tok.encode(text)  # BOS, as ember trains and serves
     hf = PreTrainedTokenizerFast.from_pretrained(str(tok_dir))
     assert hf.encode(text, add_special_tokens=False) == tok.encode(text)
+    assert hf(text)["input_ids"] == tok.encode_prompt(text)
     assert hf.decode(tok.encode(text)) == text
     assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
     direct = PreTrainedTokenizerFast(tokenizer_file=str(tok_dir / "tokenizer.json"))
@@ -128,8 +130,10 @@ def test_load_errors(tmp_path):
     hf, trainer = tok_train.build(300)
     from tokenizers import trainers
     hf.train_from_iterator(["abc abc"], trainers.BpeTrainer(vocab_size=300, show_progress=False))
-    with pytest.raises(UserError, match="lacks the special tokens"):
-        Tokenizer(hf)
+    plain = Tokenizer(hf)  # no ember special tokens: a plain HF tokenizer, without ember's role tokens
+    assert plain.kind == "hf" and plain.chat_template is None and not plain.add_bos
+    with pytest.raises(UserError, match="no role tokens"):
+        plain.role_id("user")
 
 
 def test_config_validation():

@@ -22,8 +22,7 @@ from ember.common.log import print0
 from ember.common.paths import shared_dataset
 from ember.data.documents import read_shards
 from ember.data.tokenize import docs_input, is_val
-from ember.tokenizer.chat import CHAT_TEMPLATE
-from ember.tokenizer.special import BOS, EOS, PAD, SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, sha256_file
+from ember.tokenizer.special import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, sha256_file
 
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS) + 1  # every byte, every special token, at least one merge
 HELD_OUT_MAX_BYTES = 16 << 20  # enough text for a stable bytes/token figure; bounds memory on big corpora
@@ -97,17 +96,8 @@ def bytes_per_token(encode_batch, texts: list[str]) -> float | None:
 
 
 def save(tok: Tokenizer, folder: Path) -> None:
-    """tokenizer.json (the standard file) + tokenizer_config.json for PreTrainedTokenizerFast.from_pretrained."""
-    tok.hf.encode_special_tokens = False  # the saved file behaves like any HF tokenizer.json
-    artifacts.write_text(folder / "tokenizer.json", tok.hf.to_str(pretty=True))
-    tok.hf.encode_special_tokens = True
-    artifacts.write_json(folder / "tokenizer_config.json", {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
-        "additional_special_tokens": [t for t in SPECIAL_TOKENS if t not in (BOS, EOS, PAD)],
-        "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
-        "chat_template": CHAT_TEMPLATE,
-    })
+    """tokenizer.json (adds BOS like ember does) + tokenizer_config.json with the chat template: see Tokenizer.save."""
+    tok.save(folder)
 
 
 def main(cfg: Config) -> dict:

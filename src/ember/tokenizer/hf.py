@@ -1,0 +1,159 @@
+"""HF `tokenizers` backend (ember's trained tokenizer.json, any HF tokenizer.json, GGUF "gpt2" vocabularies),
+and the settings transformers keeps beside a tokenizer.json (tokenizer_config.json, special_tokens_map.json,
+generation_config.json, chat_template.jinja).
+
+Two working copies of the tokenizer: one parses special-token strings, one (`encode_special_tokens=True`)
+keeps them as text. A per-call flag on one shared object would race when the server encodes from several
+threads. Neither runs the file's post-processor: BOS is added by ember's code (`encode_prompt`), never twice.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ember.common.errors import UserError
+from ember.tokenizer.special import no_lone_surrogates
+
+
+class HFBackend:
+    kind = "hf"
+
+    def __init__(self, hf):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self.hf = hf  # the tokenizer as its file defines it (saved and exported as is)
+        spec = hf.to_str()
+        self._parse, self._plain = HFTokenizer.from_str(spec), HFTokenizer.from_str(spec)
+        for t in (self._parse, self._plain):
+            t.post_processor = None  # add_special_tokens=False skips BOS; this also keeps offsets untrimmed
+        self._plain.encode_special_tokens = True
+        self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
+        self.special = {t.content: i for i, t in sorted(hf.get_added_tokens_decoder().items()) if t.special}
+        self.unk_id = None
+        model = json.loads(spec).get("model", {})
+        if model.get("unk_token") is not None:
+            self.unk_id = hf.token_to_id(model["unk_token"])
+        self._newline = self._plain.encode("\n", add_special_tokens=False).ids
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.hf.token_to_id(token)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self.hf.id_to_token(i)
+
+    def encode(self, text: str, special: bool = False, start: bool = True) -> list[int]:
+        return self.encode_offsets(text, special, start)[0]
+
+    def encode_offsets(self, text: str, special: bool, start: bool = True) -> tuple[list[int], list[int]]:
+        """(ids, start character of each token). start=False: `text` continues an earlier piece, so it is
+        encoded after a newline that is then dropped (no SentencePiece-style prefix space at a piece's start:
+        transformers' `_encode_chat_piece` trick), unless the newline merged into the text's first token."""
+        t = self._parse if special else self._plain
+        text = no_lone_surrogates(text)
+        if not start and self._newline:
+            e = t.encode("\n" + text, add_special_tokens=False)
+            n = len(self._newline)
+            if e.ids[:n] == self._newline:
+                return e.ids[n:], [max(0, s - 1) for s, _ in e.offsets[n:]]
+        e = t.encode(text, add_special_tokens=False)
+        return e.ids, [s for s, _ in e.offsets]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Many texts at once, in parallel on all cores (tokenizers' Rust thread pool)."""
+        batch = getattr(self._plain, "encode_batch_fast", self._plain.encode_batch)  # _fast (no offsets) since 0.21
+        return [e.ids for e in batch([no_lone_surrogates(t) for t in texts], add_special_tokens=False)]
+
+    def decode(self, ids, skip_special: bool = False) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special)
+
+
+def load_hf_file(path: Path):
+    from tokenizers import Tokenizer as HFTokenizer
+
+    try:
+        return HFTokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception on a malformed file
+        raise UserError(f"{path}: not a readable tokenizer.json ({e}). Point at the tokenizer.json of a trained "
+                        f"tokenizer (`ember tokenizer`) or an HF model folder.") from None
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not valid JSON ({e}); fix or delete the file") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _token_str(v) -> str | None:
+    """tokenizer_config.json writes a token as a string or as an AddedToken dict {"content": ...}."""
+    if isinstance(v, dict):
+        v = v.get("content")
+    return v if isinstance(v, str) else None
+
+
+def folder_settings(path: Path, hf) -> dict:
+    """What transformers reads beside a tokenizer.json: special token strings, add_bos, chat template,
+    generation_config's eos ids; keys absent when the files do not say."""
+    folder = path.parent
+    cfg = {**_read_json(folder / "special_tokens_map.json"), **_read_json(folder / "tokenizer_config.json")}
+    out: dict = {}
+    for key in ("bos", "eos", "pad", "unk"):
+        s = _token_str(cfg.get(f"{key}_token"))
+        if s is not None:
+            out[key] = s
+    template = cfg.get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    jinja_file = folder / "chat_template.jinja"  # transformers >= 4.43 saves the template here
+    if jinja_file.is_file():
+        template = jinja_file.read_text(encoding="utf-8")
+    if isinstance(template, str):
+        out["chat_template"] = template
+    if isinstance(cfg.get("add_bos_token"), bool):
+        out["add_bos"] = cfg["add_bos_token"]
+    else:
+        bos = out.get("bos")
+        out["add_bos"] = bos is not None and _post_processor_adds(json.loads(hf.to_str()).get("post_processor"), bos)
+    gen = _read_json(folder / "generation_config.json").get("eos_token_id")
+    if gen is not None:
+        out["extra_stop_ids"] = tuple(gen if isinstance(gen, list) else [gen])
+    return out
+
+
+def _post_processor_adds(proc, bos: str) -> bool:
+    """Whether a tokenizer.json post_processor puts `bos` first (TemplateProcessing, possibly in a Sequence)."""
+    if not isinstance(proc, dict):
+        return False
+    if proc.get("type") == "Sequence":
+        return any(_post_processor_adds(p, bos) for p in proc.get("processors", []))
+    if proc.get("type") == "TemplateProcessing":
+        single = proc.get("single") or []
+        first = single[0] if single else {}
+        return first.get("SpecialToken", {}).get("id") == bos
+    if proc.get("type") in ("RobertaProcessing", "BertProcessing"):
+        return proc.get("cls", [None])[0] == bos
+    return False
+
+
+def with_bos_processor(spec: dict, bos: str | None, bos_id: int | None, add_bos: bool) -> dict:
+    """tokenizer.json whose post-processor adds BOS exactly when add_bos (what transformers and vLLM read),
+    in the layout transformers' own `update_post_processor` writes; other processors (ByteLevel) are kept."""
+    proc = spec.get("post_processor")
+    kept = [p for p in (proc.get("processors", []) if proc and proc.get("type") == "Sequence" else [proc])
+            if p and p.get("type") not in ("TemplateProcessing", "RobertaProcessing", "BertProcessing")]
+    if add_bos:
+        b = {"SpecialToken": {"id": bos, "type_id": 0}}
+        kept.append({"type": "TemplateProcessing",
+                     "single": [b, {"Sequence": {"id": "A", "type_id": 0}}],
+                     "pair": [b, {"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": bos, "type_id": 1}},
+                              {"Sequence": {"id": "B", "type_id": 1}}],
+                     "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}}})
+    spec = dict(spec)
+    spec["post_processor"] = (None if not kept else kept[0] if len(kept) == 1
+                              else {"type": "Sequence", "processors": kept})
+    return spec
