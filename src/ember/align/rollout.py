@@ -164,24 +164,20 @@ def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, st
     Runs on model/engine.py's Engine: prompts of any lengths decode together in one batch of up to
     batch_size KV-cache slots (per-row positions and padding masks), the same sampler the server uses.
     Each reply gets its own seed drawn from `generator` (a CPU one in the recipes, so a seed gives the same
-    replies' seeds on any device), so a run is reproducible and a reply does not depend on its batch mates. temperature 0 = greedy. The model's train/eval mode is restored after.
+    replies' seeds on any device), so a run is reproducible and a reply does not depend on its batch mates.
+    temperature 0 = greedy. The model's train/eval mode is restored after.
     """
-    from ember.model.engine import Engine, SamplingParams
+    from ember.model import engine
 
     limit = model.config.max_seq_len
     if any(len(p) >= limit for p in prompts):
         raise UserError(f"a prompt of {max(len(p) for p in prompts)} tokens does not fit the model's context of "
                         f"{limit}: lower max_prompt_len (prompts keep their last max_prompt_len tokens)")
-    was_training = model.training
     n = len(prompts)
     seeds = torch.randint(0, 2 ** 62, (n,), generator=generator, device=generator.device).tolist() \
         if generator is not None else [None] * n
-    params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=s) for s in seeds]
-    engine = Engine(model, None, n_slots=max(1, min(batch_size, n)), max_len=max(len(p) for p in prompts) + max_new_tokens,
-                    max_queue=n, stop_ids=(stop,))
-    replies = [list(r.tokens) for r in engine.generate(prompts, params)]
-    model.train(was_training)
-    return replies
+    params = [engine.SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=s) for s in seeds]
+    return [list(r.tokens) for r in engine.generate(model, prompts, params, stop_ids=(stop,), n_slots=batch_size)]
 
 
 # ---------------------------------------------------------------------------- stage setup, policy and reference

@@ -70,13 +70,15 @@ def _cut_last_turn(tok, msgs: list[dict], ids: list[int], room: int) -> list[int
 
 
 def reply(model, tok, messages: list[dict], cfg: Config, gen: torch.Generator) -> str:
-    from ember.pretrain.sample import generate
+    from ember.model.engine import SamplingParams, generate
 
     limit = model.config.max_seq_len
     max_new = min(cfg.max_new_tokens, limit // 2)
     ids = fit_history(tok, messages, limit - max_new)
-    out = generate(model, ids, max_new, cfg.temperature, cfg.top_k, gen, stop_id=tok.end_id)
-    return tok.decode(out).strip()
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=gen))  # each reply's seed from the session's generator
+    out = generate(model, [ids], SamplingParams(max_tokens=max_new, temperature=cfg.temperature, top_k=cfg.top_k,
+                                                seed=seed), stop_ids=(tok.end_id,))[0].tokens
+    return tok.decode(out[:-1] if out and out[-1] == tok.end_id else out).strip()
 
 
 def main(cfg: Config, stdin=None, stdout=None) -> dict:

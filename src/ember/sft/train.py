@@ -113,20 +113,26 @@ def stop_eval(model, tok, convs: list[list[dict]], n: int) -> tuple[float, list[
 
     The prompt is each conversation up to its last assistant reply; that reply is the reference.
     """
-    from ember.pretrain.sample import generate
+    from ember.model.engine import SamplingParams, generate
     from ember.tokenizer.chat import render_chat
 
     model.eval()
-    limit, stopped, samples = model.config.max_seq_len, 0, []
+    limit, jobs = model.config.max_seq_len, []
     for conv in convs:
-        if len(samples) == n:
+        if len(jobs) == n:
             break
         last = max(i for i, m in enumerate(conv) if m["role"] == "assistant")
         prompt, _ = render_chat(tok, conv[:last], add_generation_prompt=True)
         budget = 2 * len(tok.encode(conv[last]["content"])) + 16
         if len(prompt) + budget + 1 > limit:
             continue  # cannot judge within the context window
-        out = generate(model, prompt, budget + 1, temperature=0.0, stop_id=tok.end_id)  # stop id not returned
+        jobs.append((conv, last, prompt, budget))
+    # all greedy answers decode as one batch; budget + 1 tokens, so one over the budget shows it did not stop
+    replies = generate(model, [p for _, _, p, _ in jobs], [SamplingParams(max_tokens=b + 1, temperature=0)
+                                                          for _, _, _, b in jobs], stop_ids=(tok.end_id,))
+    stopped, samples = 0, []
+    for (conv, last, _, budget), r in zip(jobs, replies):
+        out = r.tokens[:-1] if r.finish_reason == "stop" else r.tokens  # the stop id is not part of the answer
         ok = len(out) <= budget
         stopped += ok
         samples.append({"prompt": conv[:last], "reference": conv[last]["content"], "answer": tok.decode(out),
