@@ -217,7 +217,8 @@ def from_hf_config(d: dict, where: str) -> GPTConfig:
         n_expert = d.get("num_local_experts", 8)
     elif mtype == "qwen3_moe":
         unsupported(d.get("decoder_sparse_step", 1) == 1 and not d.get("mlp_only_layers"), "dense layers in an MoE")
-        n_expert, ffn = d["num_experts"], d["moe_intermediate_size"]
+        # transformers 5 saves Qwen3-MoE's num_experts under Mixtral's name (its attribute_map)
+        n_expert, ffn = d.get("num_experts") or d["num_local_experts"], d["moe_intermediate_size"]
     kw = dict(vocab_size=d["vocab_size"], n_layer=d["num_hidden_layers"], n_head=n_head,
               n_kv_head=d.get("num_key_value_heads") or n_head, n_embd=n_embd, ffn_hidden=ffn,
               head_size=0 if head_dim * n_head == n_embd else head_dim, attn_bias=mtype == "qwen2",
@@ -386,6 +387,10 @@ def import_hf(folder: str | Path, device: torch.device | str = "cpu", dtype: tor
     extra = [k for k in tensors if k not in wanted and not k.endswith("rotary_emb.inv_freq")
              and not (k == "lm_head.weight" and config.tie_embeddings)]
     missing = [k for k in wanted if k not in tensors]
+    emb = tensors.get("model.embed_tokens.weight")
+    if config.tie_embeddings and "lm_head.weight" in tensors and emb is not None and \
+            not torch.equal(tensors["lm_head.weight"], emb):  # a saved tied head must be the embedding itself
+        extra.append("lm_head.weight (differs from embed_tokens: not tied)")
     if missing or extra:
         raise UserError(f"{folder}: weights do not match {cfg_path.name} (missing {missing[:4]}, unexpected "
                         f"{extra[:4]}). Fix config.json (e.g. tie_word_embeddings, model_type) or re-save the folder.")
