@@ -55,6 +55,27 @@ def test_formats_convert():
     assert [m["content"] for m in D.to_messages(tree, "x")] == ["Q1", "best", "Q2", "A2"]
 
 
+def test_parquet_and_hf_sources(tmp_path):
+    """Parquet files and hf: datasets (here a local folder, read by `datasets` as the hub's would be) give the
+    same conversations as JSONL: no_robots' messages, Dolly's hub fields; a bad row is named by its place."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pytest.importorskip("datasets")
+    dolly = {"instruction": "Name a color.", "context": "", "response": "Blue.", "category": "open_qa"}
+    recs = [{"prompt": "What does len do?", "messages": MULTI, "category": "chat"}]
+    (tmp_path / "hub").mkdir()
+    pq.write_table(pa.Table.from_pylist(recs), tmp_path / "hub" / "train.parquet")
+    pq.write_table(pa.Table.from_pylist([dolly]), tmp_path / "dolly.parquet")
+    assert D.load_conversations(f"hf:{tmp_path / 'hub'}") == [MULTI]
+    assert D.load_conversations(tmp_path / "dolly.parquet") == [[{"role": "user", "content": "Name a color."},
+                                                                 {"role": "assistant", "content": "Blue."}]]
+    bad = recs + [{"prompt": "x", "messages": [{"role": "bot", "content": "x"}], "category": "chat"}]
+    pq.write_table(pa.Table.from_pylist(bad), tmp_path / "hub" / "train.parquet")
+    with pytest.raises(UserError, match=r"hf:.*hub\[train\]#1: message 0"):
+        D.load_conversations(f"hf:{tmp_path / 'hub'}")
+
+
 def test_bad_records_name_the_line(tmp_path):
     f = tmp_path / "chat.jsonl"
     f.write_text(json.dumps({"messages": MULTI}) + "\n\n" + json.dumps({"messages": [{"role": "bot", "content": "x"}]}) + "\n")

@@ -1,9 +1,10 @@
 """SFT data: chat files -> conversations -> (inputs, targets) with prompt masking -> packed or padded rows.
 
-A conversation is a list of {"role": "system"|"user"|"assistant", "content": str}. Files are JSONL (one
-record a line) or JSON (a list); each record is converted on load from any of: {"messages": [...]},
-ShareGPT {"conversations": [{"from", "value"}]}, Alpaca {"instruction", "input", "output"},
-{"prompt", "response"|"answer"|"completion"} and OpenAssistant message trees (best-ranked path).
+A conversation is a list of {"role": "system"|"user"|"assistant", "content": str}. Data is JSONL, JSON (a
+list), Parquet or a dataset as hf:NAME[[:CONFIG]:SPLIT] (common/records.py); each record is converted on load
+from any of: {"messages": [...]}, ShareGPT {"conversations": [{"from", "value"}]}, Alpaca {"instruction",
+"input", "output"}, Dolly {"instruction", "context", "response"}, {"prompt", "response"|"answer"|"completion"}
+and OpenAssistant message trees (best-ranked path).
 `stdlib_conversations()` builds the default set, needing no download, from the running Python's stdlib.
 """
 
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ember.common.errors import UserError
-from ember.common.jsonl import read_jsonl
+from ember.common.records import read_records
 from ember.tokenizer.chat import render_chat
 
 ROLES = ("system", "user", "assistant")
@@ -64,13 +65,14 @@ def to_messages(rec, where: str) -> list[dict]:
                             f"{str(rec['conversations'])[:60]!r}")
         msgs = [{"role": SHAREGPT_ROLES.get(str(m.get("from", "")).lower(), m.get("from")), "content": m.get("value")}
                 for m in rec["conversations"] if isinstance(m, dict)]
-    elif "instruction" in rec and "output" in rec:  # Alpaca
+    elif "instruction" in rec and ("output" in rec or "response" in rec):  # Alpaca; Dolly as the hub has it
+        fmt, inp, out = ("Alpaca", "input", "output") if "output" in rec else ("Dolly", "context", "response")
         for k, ok in (("instruction", isinstance(rec["instruction"], str)),
-                      ("input", isinstance(rec.get("input"), (str, type(None))))):  # input may be absent
+                      (inp, isinstance(rec.get(inp), (str, type(None))))):  # input may be absent
             if not ok:
-                raise UserError(f"{where}: Alpaca field '{k}' must be a string, got {rec[k]!r:.60}")
-        msgs = [{"role": "user", "content": _alpaca_user(rec["instruction"], rec.get("input"))},
-                {"role": "assistant", "content": rec["output"]}]
+                raise UserError(f"{where}: {fmt} field '{k}' must be a string, got {rec[k]!r:.60}")
+        msgs = [{"role": "user", "content": _alpaca_user(rec["instruction"], rec.get(inp))},
+                {"role": "assistant", "content": rec[out]}]
     elif "prompt" in rec and isinstance(rec["prompt"], dict) and "replies" in rec["prompt"]:  # OASST tree
         msgs = _oasst_path(rec["prompt"])
     elif "prompt" in rec and any(k in rec for k in ("response", "answer", "completion")):
@@ -95,27 +97,11 @@ def to_messages(rec, where: str) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in msgs]
 
 
-def load_conversations(path: str | Path) -> list[list[dict]]:
-    """Every conversation of a .jsonl / .json chat file (or of every such file in a folder, sorted)."""
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".json"))
-        if not files:
-            raise UserError(f"{path}: no .jsonl or .json chat files in this folder")
-        return [c for f in files for c in load_conversations(f)]
-    if not path.is_file():
-        raise UserError(f"chat data {path} not found: give a .jsonl/.json file (or folder), or leave `data` "
-                        f"empty for the built-in stdlib instruction set")
-    if path.suffix == ".json":
-        try:
-            records = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); fix the file or convert it to JSONL") from None
-        records = records.get("data", records) if isinstance(records, dict) else records
-        if not isinstance(records, list):
-            raise UserError(f"{path}: a .json chat file must hold a list of records")
-        return [to_messages(r, f"{path}[{i}]") for i, r in enumerate(records)]
-    return [to_messages(rec, f"{path}:{n}") for n, rec in read_jsonl(path)]
+def load_conversations(spec: str | Path) -> list[list[dict]]:
+    """Every conversation of a chat data source: a .jsonl / .json / .parquet file, a folder of them (sorted), or
+    a dataset as hf:NAME[[:CONFIG]:SPLIT] (common/records.py); errors name the record's file:line or row."""
+    return [to_messages(rec, place) for place, rec in
+            read_records(spec, "--data", fix="or leave `data` empty for the built-in stdlib instruction set")]
 
 
 # ---------------------------------------------------------------------------- the default set: stdlib
