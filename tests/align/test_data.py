@@ -52,6 +52,35 @@ def test_load_preferences_our_format_and_errors(tmp_path):
     assert D.load_preferences(g) == [{"prompt": [{"role": "user", "content": "q"}], "chosen": "yes", "rejected": "no"}]
 
 
+def test_preferences_and_tasks_from_hf_and_parquet(tmp_path):
+    """hh-rlhf transcripts and GSM8K rows read through hf: (a local folder, as `datasets` reads the hub's
+    Parquet) and from a Parquet file; the run records the dataset's identity instead of hashing a path."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pytest.importorskip("datasets")
+    hh = [{"chosen": f"\n\nHuman: q{i}\n\nAssistant: yes", "rejected": f"\n\nHuman: q{i}\n\nAssistant: no"}
+          for i in range(3)]
+    (tmp_path / "hh").mkdir()
+    pq.write_table(pa.Table.from_pylist(hh), tmp_path / "hh" / "train.parquet")
+    spec = f"hf:{tmp_path / 'hh'}"
+    pairs = D.load_preferences(spec)
+    assert pairs[0] == {"prompt": [{"role": "user", "content": "q0"}], "chosen": "yes", "rejected": "no"}
+    assert len(pairs) == 3 and len(D.load_preferences(spec, limit=2)) == 2
+    assert D.read_prompts(spec) == [p["prompt"] for p in pairs]
+    ident = D.data_inputs(spec)["data"]
+    assert ident["path"] == spec and ident["split"] == "train" and len(ident["sha256"]) == 64
+    assert D.data_inputs("p.jsonl") == {"data": "p.jsonl"} and D.data_inputs("stdlib") == {}
+
+    gsm = [{"question": "2+2?", "answer": "2+2=4\n#### 4"}, {"question": "3+3?", "answer": "six"}]
+    pq.write_table(pa.Table.from_pylist(gsm[:1]), tmp_path / "gsm.parquet")
+    assert D.load_tasks(tmp_path / "gsm.parquet") == [{"prompt": "2+2?", "answer": "4"}]
+    (tmp_path / "gsm").mkdir()
+    (tmp_path / "gsm" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gsm))
+    with pytest.raises(UserError, match=r"hf:.*gsm\[test\]#1: GSM8K answer without"):
+        D.load_tasks(f"hf:{tmp_path / 'gsm'}:test")
+
+
 def test_real_hh_rlhf_file(shared_file):
     pairs = D.load_preferences(shared_file("hh-rlhf/harmless-base_test.jsonl.gz"))
     assert len(pairs) > 2200  # 2,312 records, a few without a shared history

@@ -2,7 +2,8 @@
 
 Preferences = `{"prompt", "chosen", "rejected"}` (prompt: a string, or a list of {"role","content"} turns);
 RL tasks = `{"prompt", "answer"}`. `load_preferences` also reads hh-rlhf dialogues and OpenAssistant trees,
-`load_tasks` also reads GSM8K. Defaults that need no download: `stdlib_pairs` (real Python from the
+`load_tasks` also reads GSM8K. Every loader reads JSONL, JSON, Parquet or a dataset as hf:NAME[[:CONFIG]:SPLIT]
+(common/records.py). Defaults that need no download: `stdlib_pairs` (real Python from the
 running interpreter's stdlib vs a corrupted copy) and `arithmetic_tasks` (exact-answer arithmetic).
 """
 
@@ -18,13 +19,20 @@ from typing import Iterator
 
 from ember.common.errors import UserError
 from ember.common.jsonl import read_jsonl as _read_jsonl
+from ember.common.records import input_identity, read_records
 
 Messages = list[dict]  # [{"role": "user" | "assistant" | "system", "content": str}, ...]
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """(line number, record) of a preference/task .jsonl(.gz) file (common/jsonl.py)."""
+    """(line number, record) of a .jsonl(.gz) file (common/jsonl.py): JSONL only; `records` reads every source."""
     return _read_jsonl(path, missing="pass --data=<a .jsonl or .jsonl.gz file>")
+
+
+def records(spec: str | Path) -> Iterator[tuple[str, dict]]:
+    """(place, record) of a preference/prompt/task source: .jsonl, .json, .parquet, a folder of them, or
+    hf:NAME[[:CONFIG]:SPLIT] (common/records.py); place is file:line, file:row N or hf:NAME[split]#i."""
+    return read_records(spec, "--data")
 
 
 # ---------------------------------------------------------------------------- checking records
@@ -40,12 +48,14 @@ def check_prompt(prompt, where: str):
 # ---------------------------------------------------------------------------- preferences
 
 
-def load_preferences(path: str | Path) -> list[dict]:
+def load_preferences(path: str | Path, limit: int = 0) -> list[dict]:
     """Preference pairs from any of: our format, hh-rlhf (`{"chosen","rejected"}` Human/Assistant dialogues),
-    OpenAssistant message trees (ranked sibling replies -> pairs). The format is read from each record."""
+    OpenAssistant message trees (ranked sibling replies -> pairs). The format is read from each record.
+    limit > 0 stops reading once that many pairs are in (a streamed hub dataset is not read to its end)."""
     pairs = []
-    for i, rec in read_jsonl(path):
-        where = f"{path}:{i}"
+    for where, rec in records(path):
+        if limit and len(pairs) >= limit:
+            break
         if "message_tree_id" in rec and isinstance(rec.get("prompt"), dict):
             pairs += oasst_pairs(rec["prompt"])
         elif {"prompt", "chosen", "rejected"} <= rec.keys():
@@ -62,7 +72,7 @@ def load_preferences(path: str | Path) -> list[dict]:
                             f"{', '.join(sorted(rec)) or 'none'}); hh-rlhf and OpenAssistant tree files are also read")
     if not pairs:
         raise UserError(f"{path}: no preference pairs found")
-    return pairs
+    return pairs[:limit] if limit else pairs
 
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
@@ -144,9 +154,7 @@ def split_heldout(records: list[dict], val_frac: float, seed: int = 0) -> tuple[
 def preference_split(spec: str, n_pairs: int, val_frac: float, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """(train, val) pairs for a stage's `data` setting: "stdlib" = n_pairs synthetic pairs, else a file
     (at most n_pairs of it, 0 = all)."""
-    pairs = stdlib_pairs(n_pairs, seed) if spec == "stdlib" else load_preferences(spec)
-    if spec != "stdlib" and n_pairs:
-        pairs = pairs[:n_pairs]
+    pairs = stdlib_pairs(n_pairs, seed) if spec == "stdlib" else load_preferences(spec, limit=n_pairs)
     train, val = split_heldout(pairs, val_frac, seed)
     if not train or not val:
         raise UserError(f"data={spec}: {len(pairs)} pairs leave an empty train or held-out split "
@@ -155,8 +163,28 @@ def preference_split(spec: str, n_pairs: int, val_frac: float, seed: int = 0) ->
 
 
 def data_inputs(spec: str) -> dict:
-    """The `inputs` entry for artifacts.begin: a data file is hashed into the run's lineage, built-ins are not."""
-    return {} if spec in ("stdlib", "arithmetic") else {"data": spec}
+    """The `inputs` entry for artifacts.begin: a data file is hashed into the run's lineage, an hf: dataset is
+    recorded by its identity (name, config, split, revision; common/records.input_identity), built-ins not."""
+    return {} if spec in ("stdlib", "arithmetic") else {"data": input_identity(spec, "--data")}
+
+
+def read_prompts(spec: str | Path) -> list:
+    """Prompts of a source for on-policy RL (PPO): a task source (its records carry an answer) gives its
+    prompts, a preference source (ours, hh-rlhf, OpenAssistant trees) the prompt of each pair, else each
+    record's own "prompt". The first record tells which."""
+    first = next(iter(records(spec)), ("", {}))[1]
+    if "answer" in first:
+        return [t["prompt"] for t in load_tasks(spec)]
+    if "chosen" in first or "message_tree_id" in first:
+        return [p["prompt"] for p in load_preferences(spec)]
+    prompts = []
+    for where, rec in records(spec):
+        if "prompt" not in rec:
+            raise UserError(f"{where}: PPO reads prompts from preference, task or {{\"prompt\"}} records; this "
+                            f"one has {', '.join(sorted(rec)) or 'none'}")
+        check_prompt(rec["prompt"], where)
+        prompts.append(rec["prompt"])
+    return prompts
 
 
 # ---------------------------------------------------------------------------- synthetic pairs: real vs corrupted code
@@ -277,19 +305,20 @@ def gsm8k_answer(solution: str) -> str:
 
 
 def load_tasks(path: str | Path) -> list[dict]:
-    """RL tasks from `{"prompt","answer"}` JSONL or GSM8K `{"question","answer": "...#### 72"}` JSONL."""
+    """RL tasks from `{"prompt","answer"}` or GSM8K `{"question","answer": "...#### 72"}` records (any source
+    `records` reads: JSONL, JSON, Parquet, hf:openai/gsm8k:main)."""
     tasks = []
-    for i, rec in read_jsonl(path):
+    for where, rec in records(path):
         if "question" in rec and "answer" in rec:  # GSM8K
             try:
                 tasks.append({"prompt": rec["question"], "answer": gsm8k_answer(str(rec["answer"]))})
             except ValueError:
-                raise UserError(f"{path}:{i}: GSM8K answer without '#### <number>'") from None
+                raise UserError(f"{where}: GSM8K answer without '#### <number>'") from None
         elif "prompt" in rec and "answer" in rec:
-            check_prompt(rec["prompt"], f"{path}:{i}")
+            check_prompt(rec["prompt"], where)
             tasks.append({"prompt": rec["prompt"], "answer": str(rec["answer"]).strip()})
         else:
-            raise UserError(f"{path}:{i}: an RL task needs keys prompt and answer (or GSM8K's question and "
+            raise UserError(f"{where}: an RL task needs keys prompt and answer (or GSM8K's question and "
                             f"answer); this record has {', '.join(sorted(rec)) or 'none'}")
     if not tasks:
         raise UserError(f"{path}: no tasks found")
