@@ -11,13 +11,12 @@ from pathlib import Path
 
 from ember.common.errors import UserError
 from ember.eval.tasks import multiple_choice
-from ember.eval.tasks.common import Task, need, read_jsonl
+from ember.eval.tasks.common import Task, need, read_rows
 
 
 def load(path: Path) -> list[dict]:
     items = []
-    for i, (line, row) in enumerate(read_jsonl(path)):
-        where = f"{path}:{line}"
+    for i, (where, row) in enumerate(read_rows(path)):
         need(row, ("question", "answerKey"), where)
         q = row["question"]
         labels = [c["label"] for c in q["choices"]]

@@ -1,4 +1,5 @@
-"""What every task shares: the Task record, reading JSONL(.gz) with file:line errors, item subsets, few-shot draws."""
+"""What every task shares: the Task record, reading data rows (JSONL, JSON, Parquet, hf:) with errors that name
+the record's place, item subsets, few-shot draws."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ember.common import jsonl
 from ember.common.errors import UserError
+from ember.common.records import read_records
 from ember.eval.stats import Statistic, means
 
 
@@ -55,9 +56,10 @@ def open_text(path: str | Path):
     return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
 
 
-def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
-    """(line number, record) of an eval data file (.jsonl or .jsonl.gz; common/jsonl.py): errors name the line."""
-    return list(jsonl.read_jsonl(path, missing="pass the task as name:PATH or set --data_dir"))
+def read_rows(spec: str | Path) -> list[tuple[str, dict]]:
+    """(place, record) of an eval data source: .jsonl(.gz), .json, .parquet or hf:NAME[[:CONFIG]:SPLIT]
+    (common/records.py); place ("file:line", "file:row N", "hf:NAME[split]#i") is what errors name."""
+    return list(read_records(str(spec), "eval data", fix="pass the task as name:PATH or set --data_dir"))
 
 
 def need(row: dict, keys: tuple[str, ...], where: str) -> None:

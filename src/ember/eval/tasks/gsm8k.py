@@ -18,7 +18,7 @@ import numpy as np
 
 from ember.common.errors import UserError
 from ember.eval.scoring import EvalLM, generate
-from ember.eval.tasks.common import Options, Scored, Task, draw_fewshot, need, read_jsonl
+from ember.eval.tasks.common import Options, Scored, Task, draw_fewshot, need, read_rows
 
 STOP = ("Question:", "\n\n", "<|end|>", "<|eos|>")
 _STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")  # lm-eval gsm8k.yaml: strict-match
@@ -44,11 +44,11 @@ def extract_flex(text: str) -> str | None:
 
 def load(path: Path) -> list[dict]:
     items = []
-    for i, (line, row) in enumerate(read_jsonl(path)):
-        need(row, ("question", "answer"), f"{path}:{line}")
+    for i, (where, row) in enumerate(read_rows(path)):
+        need(row, ("question", "answer"), where)
         target = extract_strict(str(row["answer"]))
         if target is None:  # else every reply without a number would "match" the missing target
-            raise UserError(f"{path}:{line}: the answer has no final '#### <number>' line (GSM8K's format): "
+            raise UserError(f"{where}: the answer has no final '#### <number>' line (GSM8K's format): "
                             f"{str(row['answer'])[-60:]!r}; end each answer with '#### 42'")
         items.append({"id": str(i), "question": row["question"], "answer": row["answer"], "target": target})
     return items

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 from ember.eval.tasks import multiple_choice
-from ember.eval.tasks.common import Task, need, read_jsonl
+from ember.eval.tasks.common import Task, need, read_rows
 
 
 def preprocess(text: str) -> str:
@@ -25,8 +25,7 @@ def preprocess(text: str) -> str:
 
 def load(path: Path) -> list[dict]:
     items = []
-    for i, (line, row) in enumerate(read_jsonl(path)):
-        where = f"{path}:{line}"
+    for i, (where, row) in enumerate(read_rows(path)):
         need(row, ("activity_label", "endings", "label"), where)
         if "ctx_a" in row and "ctx_b" in row:  # rowanz files carry ctx as well, uncapitalized: not that one
             ctx = row["ctx_a"] + " " + row["ctx_b"].capitalize()

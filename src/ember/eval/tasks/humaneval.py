@@ -15,15 +15,15 @@ import numpy as np
 from ember.eval.sandbox import run_many
 from ember.eval.scoring import EvalLM, generate
 from ember.eval.stats import pass_at_k
-from ember.eval.tasks.common import Options, Scored, Task, need, read_jsonl
+from ember.eval.tasks.common import Options, Scored, Task, need, read_rows
 
 STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 
 
 def load(path: Path) -> list[dict]:
     items = []
-    for i, (line, row) in enumerate(read_jsonl(path)):
-        need(row, ("task_id", "prompt", "entry_point", "test"), f"{path}:{line}")
+    for i, (where, row) in enumerate(read_rows(path)):
+        need(row, ("task_id", "prompt", "entry_point", "test"), where)
         items.append({"id": row["task_id"], **row})
     return items
 

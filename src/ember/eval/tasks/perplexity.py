@@ -1,9 +1,10 @@
 """Perplexity and bits-per-byte on held-out text.
 
-Texts: JSONL(.gz) rows with "text", Parquet document shards (a file or a folder of docs_*.parquet), or a
-.txt(.gz) file. Every text is cut at paragraph (else line) boundaries into items of ~4,000 characters, so
-a --limit and the bootstrap see comparable units however long the documents are. Each item is scored in
-windows of the model's context (scoring.rolling_windows), every token predicted once.
+Texts: records with "text" (JSONL(.gz), JSON, or a dataset as hf:NAME[[:CONFIG]:SPLIT]), Parquet document
+shards (a file or a folder of docs_*.parquet), or a .txt(.gz) file. Every text is cut at paragraph (else
+line) boundaries into items of ~4,000 characters, so a --limit and the bootstrap see comparable units however
+long the documents are. Each item is scored in windows of the model's context (scoring.rolling_windows),
+every token predicted once.
 perplexity = exp(sum nll / tokens); bits_per_byte = sum nll / ln 2 / UTF-8 bytes, which is comparable
 across tokenizers. The bootstrap resamples these ~4,000-character items, not whole documents: pieces of one
 long document are correlated, so with few long documents the intervals come out narrower than they should.
@@ -18,7 +19,7 @@ import numpy as np
 
 from ember.common.errors import UserError
 from ember.eval.scoring import EvalLM, loglikelihood, rolling_windows
-from ember.eval.tasks.common import Options, Scored, Task, open_text, read_jsonl
+from ember.eval.tasks.common import Options, Scored, Task, open_text, read_rows
 
 CHUNK_CHARS = 4000
 
@@ -49,22 +50,24 @@ def _items(texts: list[str], ids: list[str] | None = None) -> list[dict]:
 
 
 def load(path: Path) -> list[dict]:
+    spec = str(path)  # an hf: spec is a name, not a path
     path = Path(path)
     name = path.name.removesuffix(".gz")
-    if path.is_dir() or name.endswith(".parquet"):
+    if spec.startswith("hf:") or name.endswith((".jsonl", ".json")):  # records (file rows or a dataset's), each a text
+        texts = []
+        for where, row in read_rows(spec):
+            if not isinstance(row.get("text"), str):
+                raise UserError(f"{where}: a perplexity record needs a string field 'text'")
+            texts.append(row["text"])
+    elif path.is_dir() or name.endswith(".parquet"):
         from ember.data.documents import read_shards
         texts = [d["text"] for d in read_shards(path)]
-    elif name.endswith(".jsonl"):
-        texts = []
-        for i, (line, row) in enumerate(read_jsonl(path)):
-            if not isinstance(row.get("text"), str):
-                raise UserError(f"{path}:{line}: a perplexity JSONL row needs a string field 'text'")
-            texts.append(row["text"])
     elif path.is_file():
         with open_text(path) as f:
             texts = [f.read()]
     else:
-        raise UserError(f"held-out text {path} not found; pass ppl:PATH (.txt, .jsonl, .parquet or a docs folder)")
+        raise UserError(f"held-out text {path} not found; pass ppl:PATH (.txt, .jsonl, .json, .parquet, a docs folder) "
+                        f"or ppl:hf:NAME")
     return _items(texts)
 
 

@@ -14,17 +14,17 @@ import numpy as np
 from ember.common.errors import UserError
 from ember.eval.metrics import MAX_ORDER, bleu_stats, corpus_bleu, rouge
 from ember.eval.scoring import EvalLM, generate
-from ember.eval.tasks.common import Options, Scored, Task, read_jsonl
+from ember.eval.tasks.common import Options, Scored, Task, read_rows
 
 STOP = ("\n\n", "<|end|>", "<|eos|>")
 
 
 def load(path: Path) -> list[dict]:
     items = []
-    for i, (line, row) in enumerate(read_jsonl(path)):
+    for i, (where, row) in enumerate(read_rows(path)):
         p, r = row.get("prompt", row.get("instruction")), row.get("reference", row.get("output"))
         if not isinstance(p, str) or not isinstance(r, str):
-            raise UserError(f"{path}:{line}: expected string fields prompt/reference (or instruction/output)")
+            raise UserError(f"{where}: expected string fields prompt/reference (or instruction/output)")
         items.append({"id": str(row.get("id", i)), "prompt": p, "reference": r})
     return items
 
