@@ -22,8 +22,7 @@ from pathlib import Path
 import torch
 
 from ember.align import losses
-from ember.align.data import (arithmetic_tasks, check_prompt, conversation_key, data_inputs, load_preferences, load_tasks,
-                              prompt_key, read_jsonl, stdlib_pairs)
+from ember.align.data import arithmetic_tasks, conversation_key, data_inputs, prompt_key, read_prompts, stdlib_pairs
 from ember.align.reward import last_token_scores, load_scalar_model
 from ember.align.rollout import (TEMPLATES, PolicyWithReference, SeqBatch, begin_stage, collate, encode_prompt, generate,
                                  keep_end, load_lm, prompt_budget, stop_id, token_logps)
@@ -102,19 +101,7 @@ def load_prompts(cfg: Config) -> tuple[list, list]:
     elif cfg.data == "arithmetic":
         prompts = [t["prompt"] for t in arithmetic_tasks(cfg.n_prompts + cfg.n_val, cfg.seed)]
     else:
-        first = next(read_jsonl(cfg.data), (0, {}))[1]
-        if "answer" in first:
-            prompts = [t["prompt"] for t in load_tasks(cfg.data)]
-        elif "chosen" in first or "message_tree_id" in first:
-            prompts = [p["prompt"] for p in load_preferences(cfg.data)]
-        else:
-            prompts = []
-            for i, rec in read_jsonl(cfg.data):
-                if "prompt" not in rec:
-                    raise UserError(f"{cfg.data}:{i}: PPO reads prompts from preference, task or {{\"prompt\"}} "
-                                    f"records; this one has {', '.join(sorted(rec)) or 'none'}")
-                check_prompt(rec["prompt"], f"{cfg.data}:{i}")
-                prompts.append(rec["prompt"])
+        prompts = read_prompts(cfg.data)
     # held out by whole conversations (data.conversation_key), as reward/dpo: every depth of an OpenAssistant
     # tree or hh-rlhf thread is another prompt of the same conversation, and must not be on both sides
     groups: dict[str, list] = {}

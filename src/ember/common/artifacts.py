@@ -217,6 +217,9 @@ def begin(stage: str, cfg, inputs: dict[str, str | Path] | None = None, out_dir:
     folder = Path(out_dir) if out_dir is not None else stage_dir(cfg, stage)
     inputs_meta = {}
     for name, p in (inputs or {}).items():
+        if isinstance(p, dict):  # not a file: a dataset's identity with its own sha256 (common/records.input_identity)
+            inputs_meta[name] = {**p, "finished_stage": False}
+            continue
         p = Path(p)
         if not p.exists():
             raise UserError(f"{stage}: input '{name}' not found at {p}. Run the stage that makes it first "

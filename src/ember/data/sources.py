@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ember.common.errors import UserError
+from ember.common.records import parse_hf_spec  # noqa: F401  (one hf: syntax for every reader; corpus imports it from here)
 from ember.common.log import print0
 from ember.data.documents import make_doc
 
@@ -266,23 +267,6 @@ def _parquet(path: Path, source: str, sink: _Sink, text_field: str) -> Iterator[
 
 
 # ---------------------------------------------------------------------------- Hugging Face datasets
-
-def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
-    """"hf:NAME" / "hf:NAME:SPLIT" / "hf:NAME:CONFIG:SPLIT" -> (name, config, split); split defaults to train.
-
-    NAME is a hub dataset name ("roneneldan/TinyStories"), a local folder, or a local data file
-    (.jsonl/.json/.csv/.parquet/.txt, loaded with the matching packaged builder).
-    """
-    if "[" in spec:
-        raise UserError(f"source '{spec}': split slicing (train[:N]) is not supported with streaming; "
-                        f"use the corpus stage's max_docs/max_bytes to cap the size")
-    parts = spec[len("hf:"):].split(":")
-    if len(parts) > 3 or not all(parts):
-        raise UserError(f"source '{spec}': write hf:NAME, hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT "
-                        f"(e.g. hf:wikitext:wikitext-2-raw-v1:validation)")
-    name, config, split = parts[0], parts[1] if len(parts) == 3 else None, parts[-1] if len(parts) > 1 else "train"
-    return name, config, split
-
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 

@@ -28,6 +28,7 @@ from ember.common.config import require
 from ember.common.errors import UserError
 from ember.common.log import print0
 from ember.common.paths import datasets_dir
+from ember.common.records import input_identity, is_hf
 from ember.eval import contamination, report
 from ember.eval.stats import bootstrap
 from ember.eval.tasks import Options, get
@@ -113,7 +114,7 @@ def task_specs(cfg: Config, data: Path) -> list[tuple[str, Path, Path | None, Ca
     for spec in cfg.tasks:
         name, _, given = spec.partition(":")
         task = get(name)
-        path, load = (Path(given) if given else data / task.path), task.load
+        path, load = ((given if is_hf(given) else Path(given)) if given else data / task.path), task.load
         if name == "ppl" and not given and (split := perplexity.heldout_split(cfg.run)):
             path, load = split[0], partial(perplexity.load_heldout, val_fraction=split[1])
         pool = data / task.pool_path if task.pool_path and not given else None
@@ -174,12 +175,12 @@ def main(cfg: Config) -> dict:
     tok = Path(cfg.tokenizer) if cfg.tokenizer else Path(cfg.run) / "tokenizer"
     data = datasets_dir(cfg.data_dir)
     specs = task_specs(cfg, data)
-    missing = [(n, p) for n, p, _, _ in specs if not p.exists()]
+    missing = [(n, p) for n, p, _, _ in specs if not is_hf(p) and not p.exists()]
     if missing and not cfg.skip_missing:
         raise UserError(f"eval data not found: {', '.join(f'{n} at {p}' for n, p in missing)}. Set --data_dir, "
                         f"pass name:PATH, or --skip_missing=true")
     # data files are inputs too, so a changed benchmark file reruns the stage
-    inputs = {"checkpoint": ckpt, "tokenizer": tok, **{f"data_{n}": p for n, p, _, _ in specs if p.exists()}}
+    inputs = {"checkpoint": ckpt, "tokenizer": tok, **{f"data_{n}": input_identity(p) if is_hf(p) else p for n, p, _, _ in specs if is_hf(p) or p.exists()}}
     run = artifacts.begin("eval", cfg, inputs=inputs)
     if run.cached:
         return run.metrics
@@ -189,7 +190,7 @@ def main(cfg: Config) -> dict:
 
     results, items_by_task = {}, {}
     for name, path, pool, load in specs:
-        if not path.exists():
+        if not is_hf(path) and not path.exists():
             results[name] = {"skipped": f"no data at {path}"}
             print0(f"[eval] {name}: skipped (no data at {path})")
             continue

@@ -29,6 +29,7 @@ from ember.common import artifacts
 from ember.common.config import require
 from ember.common.errors import UserError
 from ember.common.log import Metrics, print0, step_line
+from ember.common.records import input_identity
 from ember.sft import data as D
 
 
@@ -165,7 +166,7 @@ def main(cfg: Config) -> dict:
     tok_path = Path(cfg.tokenizer or run_dir / "tokenizer" / "tokenizer.json")
     inputs = {"model": ckpt, "tokenizer": tok_path}
     if cfg.data:
-        inputs["data"] = Path(cfg.data)
+        inputs["data"] = input_identity(cfg.data)  # a file's path (hashed), or an hf: dataset's identity
     run = artifacts.begin("sft", cfg, inputs=inputs)
     if run.cached:
         return run.metrics
