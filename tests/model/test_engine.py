@@ -2,7 +2,6 @@
 continuous-batching outputs equal one-at-a-time outputs, stop strings, sampling filters by hand."""
 
 import math
-import threading
 
 import pytest
 import torch

@@ -551,7 +551,9 @@ def generate(model: GPT, prompts: list[list[int]], params: SamplingParams | list
     n_slots rows at once; the rest wait for a free slot. The model's train/eval mode is restored after.
     tokenizer (decode(ids) -> str) is needed for Request.text and stop strings only."""
     plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
-    require(len(plist) == len(prompts), "params", f"{len(plist)} SamplingParams", f"one per prompt ({len(prompts)})")
+    if len(plist) != len(prompts):
+        raise UserError(f"generate got {len(plist)} SamplingParams for {len(prompts)} prompts: give one for all, "
+                        f"or one per prompt")
     if not prompts:
         return []
     need = max(len(p) for p in prompts) + max(q.max_tokens for q in plist)
