@@ -62,7 +62,7 @@ def _params(prompt_ids: list[int], limit: int, max_new_tokens: int, temperature:
             generator: torch.Generator | None):
     prompt_ids = prompt_ids[-(limit - 1):]  # keep room for at least one new token
     return prompt_ids, SamplingParams(max_tokens=min(max_new_tokens, limit - len(prompt_ids)), temperature=temperature,
-                                      top_k=top_k, seed=_seed(generator))
+                                      top_k=top_k, seed=_seed(generator) if temperature > 0 else 0)  # greedy: no draw
 
 
 def generate(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.8, top_k: int = 50,
