@@ -152,7 +152,7 @@ def _write_tokenizer(w, gguf, tok, vocab_size: int) -> None:
 
 def read_gguf(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     """(metadata key -> value, tensor name -> fp32 numpy array in (out, in) layout); quantized tensors
-    (Q4_1, Q8_0, ...) are dequantized by the gguf package."""
+    (F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K, ...) are dequantized by the gguf package."""
     gguf = _gguf()
     from gguf.quants import dequantize
 
@@ -162,46 +162,89 @@ def read_gguf(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     try:
         r = gguf.GGUFReader(str(path))
     except (ValueError, OSError, KeyError, IndexError) as e:
-        raise UserError(f"{path}: not a readable GGUF file ({e})") from None
+        raise UserError(f"{path}: not a readable GGUF file ({e}): truncated (an interrupted download or copy?) or "
+                        f"not GGUF. Download or copy it again.") from None
     meta = {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
     tensors = {}
     for t in r.tensors:
         shape = [int(x) for x in reversed(t.shape)]  # GGUF lists dims innermost first
-        tensors[t.name] = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+        try:
+            tensors[t.name] = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+        except NotImplementedError:
+            raise UserError(f"{path}: tensor {t.name} is {t.tensor_type.name}, which the gguf package cannot "
+                            f"dequantize; use a GGUF in F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q4_K/Q6_K.") from None
     return meta, tensors
 
 
+def gguf_param_name(name: str) -> str:
+    """gguf_name for weights and biases alike: layers.0.attn.q_proj.bias -> blk.0.attn_q.bias."""
+    stem, kind = name.rsplit(".", 1)
+    return gguf_name(stem + ".weight").removesuffix("weight") + kind
+
+
+ARCHS = ("llama", "qwen2")  # qwen2: q/k/v biases, and llama.cpp's NEOX RoPE = HF's pairing (no q/k permutation)
+
+
+def _llama3_scaling(path, inv_divisors: np.ndarray, kw: dict) -> GPTConfig:
+    """GPTConfig RoPE fields for a GGUF with rope_freqs.weight: llama.cpp stores Llama 3.1's scaling as a
+    divisor per frequency, not its parameters. Those of Llama 3.1/3.2 (factor = the largest divisor, low 1,
+    high 4, original context 8192) are accepted when they reproduce the divisors."""
+    from ember.model.gpt import rope_inv_freq
+
+    cfg = GPTConfig(**{**kw, "rope_scaling": "llama3", "rope_factor": float(inv_divisors.max()),
+                       "rope_original_max": 8192, "rope_low_rot": 1.0, "rope_high_rot": 4.0})
+    plain = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim)
+    got = plain.float() / rope_inv_freq(cfg, torch.zeros(1, 1))[0]
+    if got.shape != inv_divisors.shape or not np.allclose(got.numpy(), inv_divisors, rtol=1e-3):
+        raise UserError(f"{path}: rope_freqs.weight holds RoPE frequency factors other than Llama 3.1's (factor "
+                        f"{inv_divisors.max():g}, low 1, high 4, original context 8192); ember cannot represent "
+                        f"them. Import the original Hugging Face folder instead (ember.model.hf.import_hf).")
+    return cfg
+
+
 def load_gguf(path: str | Path, device: torch.device | str = "cpu"):
-    """A llama-architecture GGUF as (ember GPT in fp32, tokenizer or None)."""
+    """A llama- or qwen2-architecture GGUF as (ember GPT in fp32, tokenizer or None)."""
     meta, tensors = read_gguf(path)
     arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise UserError(f"{path}: architecture {arch!r}; ember reads llama GGUFs only")
-    get = lambda k, default=None: meta.get(f"llama.{k}", default)
+    if arch not in ARCHS:
+        raise UserError(f"{path}: architecture {arch!r}; ember reads {'/'.join(ARCHS)} GGUFs only")
+    get = lambda k, default=None: meta.get(f"{arch}.{k}", default)
     f32 = lambda x: float(f"{float(x):.7g}")  # GGUF stores floats in fp32: 1e-6 comes back 9.99999997e-07
     try:
         n_embd, n_head = int(get("embedding_length")), int(get("attention.head_count"))
+        head_dim = int(get("attention.key_length", n_embd // n_head))  # written when it is not n_embd / n_head
+        if int(get("attention.value_length", head_dim)) != head_dim:
+            raise UserError(f"{path}: key and value head sizes differ; ember's attention needs them equal")
         emb = tensors["token_embd.weight"]
-        config = GPTConfig(vocab_size=emb.shape[0], n_layer=int(get("block_count")), n_head=n_head,
-                           n_kv_head=int(get("attention.head_count_kv", n_head)), n_embd=n_embd,
-                           ffn_hidden=int(get("feed_forward_length")), max_seq_len=int(get("context_length", 2048)),
-                           rope_theta=f32(get("rope.freq_base", 10000.0)),
-                           norm_eps=f32(get("attention.layer_norm_rms_epsilon", 1e-5)),
-                           tie_embeddings="output.weight" not in tensors)
+        kw = dict(vocab_size=emb.shape[0], n_layer=int(get("block_count")), n_head=n_head,
+                  n_kv_head=int(get("attention.head_count_kv", n_head)), n_embd=n_embd,
+                  head_size=0 if head_dim * n_head == n_embd else head_dim, attn_bias=arch == "qwen2",
+                  ffn_hidden=int(get("feed_forward_length")), max_seq_len=int(get("context_length", 2048)),
+                  rope_theta=f32(get("rope.freq_base", 10000.0)),
+                  norm_eps=f32(get("attention.layer_norm_rms_epsilon", 1e-5)),
+                  tie_embeddings="output.weight" not in tensors)
+        scaling = get("rope.scaling.type", "none")
+        if scaling == "linear":  # llama.cpp's rope_freq_scale = 1 / factor
+            kw.update(rope_scaling="linear", rope_factor=f32(get("rope.scaling.factor")))
+        elif scaling not in ("none", None):
+            raise UserError(f"{path}: {arch}.rope.scaling.type={scaling!r}; ember reads GGUFs with linear or no "
+                            f"RoPE scaling (import the Hugging Face folder for yarn/dynamic)")
+        config = _llama3_scaling(path, tensors.pop("rope_freqs.weight"), kw) if "rope_freqs.weight" in tensors \
+            else GPTConfig(**kw)
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
-        raise UserError(f"{path}: llama metadata or token_embd.weight missing or malformed ({e!r}); not a plain "
-                        f"llama GGUF") from None
+        raise UserError(f"{path}: {arch} metadata or token_embd.weight missing or malformed ({e!r}); not a plain "
+                        f"{arch} GGUF") from None
     check_layer_count(config, tensors, path)
     model = build_model(config, "meta", init=False)  # shapes first: the header may claim any size
     state = {}
     for name, ref in model.state_dict().items():
-        g = gguf_name(name)
+        g = gguf_param_name(name)
         if g not in tensors:
-            raise UserError(f"{path}: tensor {g} is missing; not a plain llama GGUF")
+            raise UserError(f"{path}: tensor {g} is missing; not a plain {arch} GGUF")
         t = torch.from_numpy(np.array(tensors[g]))  # a copy: the reader maps the file read-only
-        if name.endswith("q_proj.weight"):
+        if arch == "llama" and name.endswith("q_proj.weight"):  # llama.cpp rotates adjacent pairs: undo
             t = meta_to_hf(t, config.n_head)
-        elif name.endswith("k_proj.weight"):
+        elif arch == "llama" and name.endswith("k_proj.weight"):
             t = meta_to_hf(t, config.n_kv_head)
         if t.shape != ref.shape:
             raise UserError(f"{path}: {g} has shape {tuple(t.shape)}, the metadata implies {tuple(ref.shape)}")
