@@ -101,6 +101,14 @@ class Request:
 # vocabulary order. A row's token thus depends only on its own logits and its own uniform, never on its
 # batch mates or the device's RNG (vLLM's exponential race needs a device generator per request instead).
 
+def to_device(data, device, dtype=None) -> torch.Tensor:
+    """A host list as a tensor on device without a sync: a plain copy from pageable memory waits for the CUDA
+    stream to drain (it would stall the host behind a queued forward); from pinned memory it is queued."""
+    t = torch.tensor(data, dtype=dtype)
+    device = torch.device(device)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
 _FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 
 
@@ -125,7 +133,7 @@ class BatchParams:
         """One host->device copy for all rows' settings and draws."""
         u = uniform if uniform is not None else [0.0] * len(params)
         rows = [[float(getattr(p, f)) for f in _FIELDS] + [x] for p, x in zip(params, u)]
-        t = torch.tensor(rows, dtype=torch.float32).to(device).unbind(-1)  # 8 x (B,)
+        t = to_device(rows, device, torch.float32).unbind(-1)  # 8 x (B,)
         return BatchParams(*t, greedy=all(p.temperature == 0 for p in params),
                            penalized=any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty
                                          for p in params),
@@ -252,8 +260,8 @@ class SlotCache:
         lo = slots[0]
         self.contiguous = slots == list(range(lo, lo + len(slots)))  # then a view, not a gather, reads the cache
         dev = self.k.device
-        self.slot_t = torch.tensor(slots, device=dev)
-        self.start_t = torch.tensor(starts, device=dev)
+        self.slot_t = to_device(slots, dev)
+        self.start_t = to_device(starts, dev)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """k, v (B, n_kv_head, T, head_dim) -> all keys/values of those rows (B, n_kv_head, end, head_dim)."""
@@ -445,15 +453,15 @@ class Engine:
                             [self._rng[id(r)].random() if r.params.temperature > 0 else 0.0 for r in rows])
         logits = []  # (B_i, V) pieces in the order of rows
         if running:  # decode first so the newly admitted (which have no token to feed yet) do not wait
-            idx = torch.tensor([[r.tokens[-1]] for r in running], device=dev)
+            idx = to_device([[r.tokens[-1]] for r in running], dev)
             logits.append(self._forward(idx, [r.slot for r in running]))
         for r in admitted:  # a prefill each, alone (its own causal pass over the prompt)
-            prompt = torch.tensor(r.prompt, device=dev)
+            prompt = to_device(r.prompt, dev)
             self.prompt_seen[r.slot] = False
             self.prompt_seen[r.slot, prompt] = True
             self.counts[r.slot] = 0
             logits.append(self._forward(prompt[None], [r.slot]))
-        slots = torch.tensor([r.slot for r in rows], device=dev)
+        slots = to_device([r.slot for r in rows], dev)
         ids = sample(torch.cat(logits), bp, self.prompt_seen[slots] if bp.penalized else None,
                      self.counts[slots] if bp.penalized else None)  # (B,) on the device
         self.counts[slots, ids] += 1  # slots are distinct: no two rows write the same cell
