@@ -178,6 +178,10 @@ def assistant_spans(render, rendered: str, messages: list[dict], end: str | None
         before, upto = render(messages[:i], True), render(messages[:i + 1], False)
         a = common_prefix(before, upto)
         text = upto[a:].rstrip()
+        # whitespace the template puts before the reply (a separator) is context, the reply's own is not
+        lead = (len(text) - len(text.lstrip())) - (len(m["content"]) - len(m["content"].lstrip()))
+        if lead > 0:
+            a, text = a + lead, text[lead:]
         if not text:
             continue
         if rendered.startswith(upto[:a + len(text)]) and a >= cursor:
