@@ -32,7 +32,8 @@ CASES = {
     "llama": ("LlamaConfig", {}, {}),
     "llama-head_dim": ("LlamaConfig", {"head_dim": 24}, {"head_size": 24}),
     "smollm2-tied": ("LlamaConfig", {"tie_word_embeddings": True, "num_key_value_heads": 1}, {"tie_embeddings": True}),
-    "llama-linear": ("LlamaConfig", {"rope_scaling": {"rope_type": "linear", "factor": 2.5}}, {"rope_scaling": "linear"}),
+    "llama-linear": ("LlamaConfig", {"rope_scaling": {"rope_type": "linear", "factor": 2.5}},
+                     {"rope_scaling": "linear"}),
     "llama-dynamic": ("LlamaConfig", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0},
                                       "max_position_embeddings": 24}, {"rope_scaling": "dynamic"}),
     "llama3.1": ("LlamaConfig", {"rope_scaling": LLAMA3, "max_position_embeddings": 2048},
@@ -209,3 +210,21 @@ def test_config_not_matching_tensors_and_unsupported_fields(tmp_path):
         "partial_rotary_factor")
     bad({"model_type": "llama", "attention_bias": True}, "attention_bias=true")
     bad({"layer_types": ["full_attention", "chunked_attention"]}, "layer_types")
+
+
+def test_sliding_window_rules_per_family():
+    """Which configs window some layer (and so cap max_seq_len): Qwen only with use_sliding_window, from
+    max_window_layers on (or where layer_types says so); Mistral/Mixtral whenever the window is shorter."""
+    from ember.model.hf import from_hf_config
+
+    base = dict(vocab_size=V, hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64, sliding_window=16)
+    cap = lambda **kw: from_hf_config({**base, **kw}, "config.json").max_seq_len
+    assert cap(model_type="qwen2") == 64  # use_sliding_window false: the window is not used
+    assert cap(model_type="qwen2", use_sliding_window=True, max_window_layers=2) == 64  # no layer from 2 on
+    assert cap(model_type="qwen2", use_sliding_window=True, max_window_layers=1) == 16
+    assert cap(model_type="qwen3", use_sliding_window=True, layer_types=["full_attention", "sliding_attention"]) == 16
+    assert cap(model_type="mistral") == 16 and cap(model_type="mistral", sliding_window=None) == 64
+    assert cap(model_type="mistral", sliding_window=4096) == 64  # longer than the context: nothing to cap
+    assert cap(model_type="mixtral", num_local_experts=2) == 16
+    assert cap(model_type="llama") == 64

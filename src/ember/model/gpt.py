@@ -45,8 +45,8 @@ class GPTConfig:
     rope_scaling: str = ""  # RoPE context extension: "" none, linear, dynamic (NTK), llama3, yarn (see rope_inv_freq)
     rope_factor: float = 1.0  # how many times the context is stretched beyond rope_original_max
     rope_original_max: int = 0  # the pretraining context (tokens) the scaling stretches; 0 = max_seq_len
-    rope_low_rot: float = 1.0  # llama3 low_freq_factor / yarn beta_slow: fewer turns over the original context: / factor
-    rope_high_rot: float = 32.0  # llama3 high_freq_factor (4) / yarn beta_fast (32): more turns than this: kept as is
+    rope_low_rot: float = 1.0  # llama3 low_freq_factor / yarn beta_slow: frequencies turning fewer times: / factor
+    rope_high_rot: float = 32.0  # llama3 high_freq_factor (4) / yarn beta_fast (32): turning more times: kept as is
     rope_attn_factor: float = 0.0  # yarn's multiplier on cos/sin (attention temperature); 0 = 0.1 ln(rope_factor) + 1
     rope_truncate: bool = True  # yarn: round the ramp's bounds to whole dims, as the paper's code (gpt-oss: false)
     hf_model_type: str = ""  # HF family an import came from (mistral, qwen2, ...) for export; "" = from the features
@@ -55,8 +55,8 @@ class GPTConfig:
         require(self.vocab_size >= 0, "model.vocab_size", self.vocab_size, "an int >= 1 (0 = set from the tokenizer)")
         for name in ("n_layer", "n_head", "n_kv_head", "n_embd", "max_seq_len"):
             require(getattr(self, name) >= 1, f"model.{name}", getattr(self, name), "an int >= 1")
-        require(self.head_size >= 0 and (self.head_size or self.n_embd / self.n_head) % 2 == 0, "model.n_embd/head_size",
-                (self.n_embd, self.head_size), f"an even head_size, or 0 and n_embd a multiple of 2 * n_head "
+        require(self.head_size >= 0 and (self.head_size or self.n_embd / self.n_head) % 2 == 0, "model.head_size",
+                (self.head_size, self.n_embd), f"an even head_size, or 0 with n_embd a multiple of 2 * n_head "
                 f"(= {2 * self.n_head}): heads need an even RoPE width")
         require(self.n_head % self.n_kv_head == 0, "model.n_kv_head", self.n_kv_head,
                 f"a divisor of n_head = {self.n_head}")

@@ -162,8 +162,8 @@ def _rope_from_hf(d: dict, mtype: str, max_pos: int, unsupported) -> dict:
     if kind == "yarn":
         factor = rope.get("factor") or max_pos / orig  # DeepSeek-style configs give the ratio of lengths instead
         attn, mscale, mscale_all = rope.get("attention_factor"), rope.get("mscale"), rope.get("mscale_all_dim")
-        if attn is None and mscale and mscale_all:  # YaRN's temperature with both exponents (DeepSeek-V2)
-            attn = (0.1 * mscale * math.log(factor) + 1) / (0.1 * mscale_all * math.log(factor) + 1) if factor > 1 else 1.0
+        if attn is None and mscale and mscale_all and factor > 1:  # YaRN's temperature, two exponents (DeepSeek-V2)
+            attn = (0.1 * mscale * math.log(factor) + 1) / (0.1 * mscale_all * math.log(factor) + 1)
         kw.update(rope_factor=float(factor), rope_attn_factor=float(attn or 0.0),
                   rope_high_rot=float(rope.get("beta_fast") or 32), rope_low_rot=float(rope.get("beta_slow") or 1),
                   rope_truncate=bool(rope.get("truncate", True)))
