@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ember.model.gpt import GPTConfig
+
 from ember.eval.scoring import EvalLM
 
 DATASETS = Path(__file__).resolve().parents[2] / ".." / "shared" / "datasets"
@@ -71,8 +73,7 @@ class FixedLogitModel(torch.nn.Module):
 
     def __init__(self, fn, vocab_size: int = 258, max_len: int = 64):
         super().__init__()
-        self.config = types.SimpleNamespace(vocab_size=vocab_size, max_seq_len=max_len, n_layer=1, n_kv_head=1,
-                                            head_dim=2, rope_theta=10000.0)
+        self.config = GPTConfig(vocab_size=vocab_size, max_seq_len=max_len, n_layer=1, n_head=1, n_kv_head=1, n_embd=2)
         self.tok_emb = torch.nn.Embedding(vocab_size, 2)
         with torch.no_grad():  # embedding of id i = (i, i): ids up to 2^24 are exact in fp32
             self.tok_emb.weight.copy_(torch.arange(vocab_size, dtype=torch.float)[:, None].expand(-1, 2))

@@ -117,6 +117,10 @@ def load_weights(model, path_or_dir: str | Path) -> None:
     tensors, meta = load_state(path, model.tok_emb.weight.device)
     saved = meta.get("config")
     if isinstance(saved, dict):
+        from ember.model.gpt import GPTConfig
+
+        # rebuilt, so a file saved before a field existed compares with that field's default
+        saved = dataclasses.asdict(from_dict(GPTConfig, saved, where=f"the config stored in {path}"))
         ours = dataclasses.asdict(model.config)
         diff = {k: (saved.get(k), v) for k, v in ours.items() if saved.get(k) != v}
         if diff:

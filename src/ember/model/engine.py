@@ -32,7 +32,7 @@ import torch
 
 from ember.common.config import require
 from ember.common.errors import UserError
-from ember.model.gpt import GPT, rope_cos_sin
+from ember.model.gpt import GPT
 
 
 @dataclasses.dataclass
@@ -480,7 +480,7 @@ class Engine:
         self.cache.set_rows(slots, T)
         starts = self.cache.start_t
         positions = starts[:, None] + torch.arange(T, device=idx.device)  # (B, T)
-        cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta)  # the engine's one RoPE call site
+        cos, sin = c.rope(positions)  # the model's own RoPE (scaled for long-context models), per-row positions
         if T > 1:  # prefill of one fresh slot: keys are exactly the T queries, plain causal
             assert B == 1 and self.cache.lengths[slots[0]] == 0
             mask, is_causal = None, True
