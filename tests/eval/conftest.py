@@ -4,7 +4,6 @@ generation reaches through FixedLogitModel (the GPT interface the engine decodes
 from __future__ import annotations
 
 import math
-import types
 from pathlib import Path
 
 import pytest
