@@ -3,6 +3,8 @@ llama2.c's SentencePiece ids, GGUF metadata (SmolLM2's real file when installed)
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from ember.common.errors import UserError
@@ -31,6 +33,9 @@ def test_lone_surrogates_become_replacement_char(which, request):
     for special in (False, True):
         assert t.encode("a\ud800b\udfff", special=special) == t.encode("a\ufffdb\ufffd", special=special)
     assert t.encode_batch(["\ud83d"]) == [t.encode("\ufffd")]
+    chat = [{"role": "user", "content": "x\udc00y"}, {"role": "assistant", "content": "\ud800"}]
+    fixed = [{"role": "user", "content": "x\ufffdy"}, {"role": "assistant", "content": "\ufffd"}]
+    assert t.render_chat(chat) == t.render_chat(fixed)
 
 
 def test_llama2c_ids_as_run_c_gives_them(stories):
@@ -92,6 +97,15 @@ def test_stop_ids_from_generation_config(tmp_path, smol):
     smol.save(tmp_path)
     (tmp_path / "generation_config.json").write_text('{"eos_token_id": [0, 2]}')
     assert load_tokenizer(tmp_path).stop_ids == (2, 0)  # eos/end first, then the file's, each once
+
+
+def test_bare_tokenizer_json_names_bos_in_its_post_processor(tmp_path, smol):
+    from ember.tokenizer.hf import with_bos_processor
+
+    spec = with_bos_processor(json.loads(smol.hf.to_str()), "<|im_start|>", 1, True)
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    t = load_tokenizer(tmp_path)
+    assert (t.bos_id, t.add_bos) == (1, True) and t.encode_prompt("hi") == [1] + smol.encode("hi")
 
 
 def test_load_errors(tmp_path):

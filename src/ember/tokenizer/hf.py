@@ -114,30 +114,34 @@ def folder_settings(path: Path, hf) -> dict:
         template = jinja_file.read_text(encoding="utf-8")
     if isinstance(template, str):
         out["chat_template"] = template
+    proc = json.loads(hf.to_str()).get("post_processor")
+    if "bos" not in out:  # a bare tokenizer.json (Llama-2's) still names its BOS in the post-processor
+        first = _first_special(proc)
+        if first is not None and hf.token_to_id(first) is not None:
+            out["bos"] = first
     if isinstance(cfg.get("add_bos_token"), bool):
         out["add_bos"] = cfg["add_bos_token"]
     else:
-        bos = out.get("bos")
-        out["add_bos"] = bos is not None and _post_processor_adds(json.loads(hf.to_str()).get("post_processor"), bos)
+        out["add_bos"] = out.get("bos") is not None and _first_special(proc) == out["bos"]
     gen = _read_json(folder / "generation_config.json").get("eos_token_id")
     if gen is not None:
         out["extra_stop_ids"] = tuple(gen if isinstance(gen, list) else [gen])
     return out
 
 
-def _post_processor_adds(proc, bos: str) -> bool:
-    """Whether a tokenizer.json post_processor puts `bos` first (TemplateProcessing, possibly in a Sequence)."""
+def _first_special(proc) -> str | None:
+    """The special token a tokenizer.json post_processor puts first (TemplateProcessing, possibly inside a
+    Sequence; Roberta/Bert's cls), i.e. the BOS that `tokenizer(text)` adds; None when it adds none."""
     if not isinstance(proc, dict):
-        return False
+        return None
     if proc.get("type") == "Sequence":
-        return any(_post_processor_adds(p, bos) for p in proc.get("processors", []))
+        return next((t for p in proc.get("processors", []) if (t := _first_special(p)) is not None), None)
     if proc.get("type") == "TemplateProcessing":
-        single = proc.get("single") or []
-        first = single[0] if single else {}
-        return first.get("SpecialToken", {}).get("id") == bos
+        single = proc.get("single") or [{}]
+        return single[0].get("SpecialToken", {}).get("id")
     if proc.get("type") in ("RobertaProcessing", "BertProcessing"):
-        return proc.get("cls", [None])[0] == bos
-    return False
+        return (proc.get("cls") or [None])[0]
+    return None
 
 
 def with_bos_processor(spec: dict, bos: str | None, bos_id: int | None, add_bos: bool) -> dict:
