@@ -168,8 +168,9 @@ class Tokenizer:
                     **kwargs) -> tuple[list[int], list[int]]:
         """(ids, mask) of equal length for render_chat_text's string: the template's text with special tokens
         parsed, message contents that hold special-token strings encoded as plain text; mask = 1 on each
-        assistant reply and the end-of-turn token closing it, 0 elsewhere. `where` names the conversation in
-        errors (e.g. "sft.jsonl:12")."""
+        assistant reply and the end-of-turn token closing it, 0 elsewhere: a token is trained when it starts
+        inside such a span (one merging the template's newline with a reply's leading space stays context).
+        `where` names the conversation in errors (e.g. "sft.jsonl:12")."""
         validate_messages(messages, where, self.roles)
         render = self._user_render(where, kwargs)
         rendered = render(messages, add_generation_prompt)
