@@ -120,6 +120,21 @@ def test_end_token_missing_from_vocabulary_fails_at_load(tmp_path, tok_dir, llam
     assert load_tokenizer(tmp_path).end_id == load_tokenizer(tok_dir).end_id
 
 
+def test_generation_markers_render_as_transformers(smol_chat, smol_json):
+    from ember.tokenizer.core import Tokenizer
+
+    template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}{% if m['role'] == 'assistant' %}"
+                "{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}{% else %}"
+                "{{ m['content'] + '<|im_end|>' }}{% endif %}{{ '\\n' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    tok = Tokenizer(smol_chat.backend, smol_json, eos="<|im_end|>", chat_template=template)
+    hf = _hf(smol_json, template, eos_token="<|im_end|>")
+    assert tok.render_chat_text(CHAT) == hf.apply_chat_template(CHAT, tokenize=False)
+    ids, mask = tok.render_chat(CHAT)
+    assert ids == _hf_ids(hf, CHAT, False)
+    assert _trained(tok, ids, mask) == ["4.<|im_end|>", "Six.\n\nSix!<|im_end|>"]
+
+
 @pytest.mark.parametrize("bad", [[], "hi", [{"role": "user"}], [{"role": 1, "content": "x"}], [["user", "x"]]])
 def test_bad_messages_name_the_place(smol_chat, bad):
     with pytest.raises(UserError, match="data.jsonl:9"):
