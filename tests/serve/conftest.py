@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from ember.model.gpt import GPTConfig, build_model
-from ember.model.llama2c import Llama2cTokenizer, load_llama2c, stories260k_paths
+from ember.tokenizer.special import load_tokenizer
+from ember.model.llama2c import load_llama2c, stories260k_paths
 
 
 class CharTokenizer:
@@ -25,8 +26,16 @@ class CharTokenizer:
     vocab_size = 2 + len(ALPHABET)
     stop_ids = (1,)
 
-    def encode(self, text: str, bos: bool = False) -> list[int]:
-        return ([0] if bos else []) + [2 + self.ALPHABET.index(c) for c in text.lower() if c in self.ALPHABET]
+    def encode(self, text: str) -> list[int]:
+        return [2 + self.ALPHABET.index(c) for c in text.lower() if c in self.ALPHABET]
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return [self.bos_id] + self.encode(text)
+
+    def render_chat(self, messages, add_generation_prompt=False, where="messages"):
+        """A base model's rendering (no template): BOS + the contents joined by blank lines."""
+        ids = self.encode_prompt("\n\n".join(m["content"] for m in messages))
+        return ids, [0] * len(ids)
 
     def decode(self, ids) -> str:
         return "".join(self.ALPHABET[i - 2] for i in ids if i >= 2)
@@ -51,7 +60,7 @@ def stories():
     if paths is None:
         pytest.skip("../shared/datasets/models/stories260K is absent (see INVENTORY.md)")
     model = load_llama2c(paths[0])
-    return model, Llama2cTokenizer.load(paths[1], model.config.vocab_size)
+    return model, load_tokenizer(paths[1], model.config.vocab_size)
 
 
 @pytest.fixture(params=["tiny", "stories"])
@@ -103,9 +112,9 @@ def http(method: str, url: str, body=None, headers: dict | None = None, timeout:
 
 
 def served_model(model, tok, name):
-    from ember.serve.models import Served, chat_renderer
+    from ember.serve.models import Served
 
-    return Served(name, model, tok, tuple(tok.stop_ids), chat_renderer(tok), name)
+    return Served(name, model, tok, name)
 
 
 @pytest.fixture(scope="session")

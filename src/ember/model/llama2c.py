@@ -1,8 +1,9 @@
-"""Load Karpathy's llama2.c checkpoints (e.g. stories260K.bin) into ember's GPT, and their tok*.bin tokenizers.
+"""Load Karpathy's llama2.c checkpoints (e.g. stories260K.bin) into ember's GPT (their tok*.bin tokenizers
+are read by ember.tokenizer's SentencePiece backend).
 
     model = load_llama2c("../shared/datasets/models/stories260K/stories260K.bin")
-    tok = Llama2cTokenizer.load("../shared/datasets/models/stories260K/tok512.bin")
-    model(torch.tensor([tok.encode("Once upon a time", bos=True)]))          # real pretrained logits
+    tok = load_tokenizer("../shared/datasets/models/stories260K/tok512.bin")   # ember.tokenizer (SentencePiece)
+    model(torch.tensor([tok.encode_prompt("Once upon a time")]))              # real pretrained logits
 
 A tiny real model makes tests of sampling, evaluation and serving meaningful on a CPU in milliseconds.
 llama2.c rotates ADJACENT pairs in RoPE (Meta's layout); ember rotates halves (HF's), so q/k rows are permuted.
@@ -10,8 +11,6 @@ llama2.c rotates ADJACENT pairs in RoPE (Meta's layout); ember rotates halves (H
 
 from __future__ import annotations
 
-import heapq
-import re
 import struct
 from pathlib import Path
 
@@ -97,127 +96,6 @@ def load_llama2c(path: str | Path, device: torch.device | str = "cpu") -> GPT:
     model = build_model(config, device, init=False)
     model.load_state_dict(sd, strict=True)
     return model.eval()
-
-
-# ---------------------------------------------------------------------------- tokenizer
-
-_BYTE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
-
-
-class Llama2cTokenizer:
-    """SentencePiece-style BPE of llama2.c (run.c's `encode`/`decode`), from a tok*.bin file.
-
-    Ids 0, 1, 2 are <unk>, <s> (BOS), </s> (EOS); pieces use ' ' where SentencePiece writes '▁' and
-    "<0x0A>"-style byte tokens cover what the pieces do not. Same interface as ember's Tokenizer where they
-    overlap: encode, decode, bos_id, eos_id, vocab_size, id_to_token. No chat template (a base model).
-    """
-
-    unk_id, bos_id, eos_id = 0, 1, 2
-
-    def __init__(self, pieces: list[bytes], scores: list[float]):
-        self.pieces, self.scores = pieces, scores
-        self.vocab_size = len(pieces)
-        self.index = {p: i for i, p in enumerate(pieces)}
-        self.byte_ids = {}  # byte value -> id of its <0xXX> token
-        for i, p in enumerate(pieces):
-            m = _BYTE.match(p.decode("latin-1"))
-            if m:
-                self.byte_ids[int(m.group(1), 16)] = i
-        self.byte_of = {i: b for b, i in self.byte_ids.items()}  # id -> byte value
-        self.stop_ids = (self.bos_id, self.eos_id)  # a story ends where the model starts the next one (BOS)
-
-    @classmethod
-    def load(cls, path: str | Path, vocab_size: int | None = None) -> "Llama2cTokenizer":
-        """vocab_size: how many entries to read (the .bin does not store it; default = until the file ends)."""
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"no llama2.c tokenizer at {path}: pass a tok*.bin written by llama2.c's tokenizer.py")
-        raw = path.read_bytes()
-        pieces, scores, o = [], [], 4  # int32 max_token_length first
-        while o < len(raw) and (vocab_size is None or len(pieces) < vocab_size):
-            if o + 8 > len(raw):
-                raise UserError(f"{path}: truncated at byte {o} (entry {len(pieces)})")
-            score, n = struct.unpack("fi", raw[o:o + 8])
-            if n < 0 or o + 8 + n > len(raw):
-                raise UserError(f"{path}: entry {len(pieces)} has a bad length {n}; not a llama2.c tokenizer")
-            pieces.append(raw[o + 8:o + 8 + n])
-            scores.append(score)
-            o += 8 + n
-        if len(pieces) < 3 or (vocab_size is not None and len(pieces) != vocab_size):
-            raise UserError(f"{path}: read {len(pieces)} tokens, expected {vocab_size or 'at least 3'}")
-        return cls(pieces, scores)
-
-    def id_to_token(self, i: int) -> str | None:
-        return self.pieces[i].decode("utf-8", "replace") if 0 <= i < self.vocab_size else None
-
-    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        """SentencePiece encoding: a leading space (the "dummy prefix"), one token per character (or its
-        UTF-8 bytes if the character is not a piece), then repeatedly merge the adjacent pair whose merged
-        piece has the highest score (the leftmost on ties), until no pair merges: llama2.c's `encode`."""
-        ids = []
-        if text:
-            text = " " + text
-        for ch in text:
-            b = ch.encode("utf-8")
-            if b in self.index:
-                ids.append(self.index[b])
-            else:
-                ids += [self.byte_ids.get(x, self.unk_id) for x in b]
-        return ([self.bos_id] if bos else []) + self._merge(ids) + ([self.eos_id] if eos else [])
-
-    def _merge(self, sym: list[int]) -> list[int]:
-        """The greedy merges in O(n log n), so a long hostile prompt cannot stall a server: a linked list of
-        symbols and a heap of candidate pairs (-score, left position, left id, right id, merged id); an entry
-        whose symbols changed since it was pushed is stale and skipped. Positions keep their original order,
-        so the heap's tie-break on position is llama2.c's leftmost-first rule."""
-        n = len(sym)
-        nxt, prev, alive = list(range(1, n + 1)), list(range(-1, n - 1)), [True] * n
-        heap: list[tuple] = []
-
-        def push(i: int) -> None:
-            j = nxt[i]
-            if j < n:
-                m = self.index.get(self.pieces[sym[i]] + self.pieces[sym[j]])
-                if m is not None:
-                    heap.append((-self.scores[m], i, sym[i], sym[j], m))
-
-        for i in range(n - 1):
-            push(i)
-        heapq.heapify(heap)
-        while heap:
-            _, i, a, b, m = heapq.heappop(heap)
-            j = nxt[i]
-            if not alive[i] or j >= n or sym[i] != a or sym[j] != b:
-                continue  # stale
-            sym[i], alive[j] = m, False
-            nxt[i] = nxt[j]
-            if nxt[j] < n:
-                prev[nxt[j]] = i
-            for k in (prev[i], i):
-                if k >= 0:
-                    j = nxt[k]
-                    if j < n:
-                        mm = self.index.get(self.pieces[sym[k]] + self.pieces[sym[j]])
-                        if mm is not None:
-                            heapq.heappush(heap, (-self.scores[mm], k, sym[k], sym[j], mm))
-        return [t for t, ok in zip(sym, alive) if ok]
-
-    def decode(self, ids) -> str:
-        """Concatenate pieces (byte tokens as raw bytes); the space after a BOS is the dummy prefix, dropped.
-        BOS/EOS themselves produce no text."""
-        out, prev = bytearray(), None
-        for t in ids:
-            t = int(t)
-            if t in (self.bos_id, self.eos_id) or not 0 <= t < self.vocab_size:
-                prev = t
-                continue
-            p = self.pieces[t]
-            if t in self.byte_of:
-                out.append(self.byte_of[t])
-            else:
-                out += p[1:] if prev == self.bos_id and p.startswith(b" ") else p
-            prev = t
-        return out.decode("utf-8", "replace")
 
 
 def stories260k_paths(root: str | Path | None = None) -> tuple[Path, Path] | None:

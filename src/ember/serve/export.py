@@ -12,7 +12,6 @@ and anything beyond the dtype's rounding fails the stage.
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -48,39 +47,34 @@ def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
 
 
 def main(cfg: Config) -> dict:
-    from ember.serve.models import find_tokenizer, load_served
+    from ember.model.load import find_tokenizer, load
     from ember.serve.server import default_checkpoint
 
     ckpt = Path(cfg.checkpoint or default_checkpoint(cfg.run))
     if not ckpt.exists():
         raise UserError(f"export: no checkpoint at {ckpt}. Train first (`ember pipeline`) or pass --checkpoint=")
-    tok_path = find_tokenizer(ckpt, cfg.tokenizer, cfg.run) if ckpt.is_dir() else (Path(cfg.tokenizer) if cfg.tokenizer else None)
+    tok_path = Path(cfg.tokenizer) if cfg.tokenizer else find_tokenizer(ckpt, cfg.run)
     inputs = {"checkpoint": ckpt, **({"tokenizer": tok_path} if tok_path else {})}
     run = artifacts.begin("export", cfg, inputs=inputs)
     if run.cached:
         return run.metrics
-    served = load_served(ckpt, cfg.tokenizer, run=cfg.run)
-    model, tok = served.model.float(), served.tokenizer
+    model, tok = load(ckpt, tokenizer=cfg.tokenizer, run=cfg.run)
+    model = model.float()
     reference = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     metrics: dict = {"params": model.num_params()}
 
     if cfg.format in ("hf", "both"):
         from ember.model.hf import export_hf, import_hf
 
-        from ember.tokenizer.chat import CHAT_TEMPLATE
-
-        ember_tok = hasattr(tok, "role_id")  # only ember's tokenizer.json maps to HF files
-        with tempfile.TemporaryDirectory() as tmp:
-            hf_tok = getattr(tok, "path", None) if ember_tok else None
-            if ember_tok and not (hf_tok and Path(hf_tok).is_file()):  # the one inside a GGUF: write it out
-                hf_tok = Path(tmp) / "tokenizer.json"
-                hf_tok.write_text(tok.hf.to_str())
-            # the chat template always (sft/final has tokenizer.json beside it but no tokenizer_config.json)
-            out = export_hf(model, run.dir / "hf", tokenizer_json=hf_tok, chat_template=CHAT_TEMPLATE if ember_tok else None)
+        # the model's own tokenizer files: same ids, chat template, BOS rule and stop tokens in transformers
+        out = export_hf(model, run.dir / "hf", tok)
         metrics["hf_max_abs_diff"] = max_abs_diff(import_hf(out).state_dict(), reference)
         if metrics["hf_max_abs_diff"] != 0.0:
             raise UserError(f"export: the HF folder reads back different weights (max diff {metrics['hf_max_abs_diff']})")
-        print0(f"[export] HF folder {out} (tokenizer: {'yes' if hf_tok else 'no'}), read back identical")
+        print0(f"[export] HF folder {out} (tokenizer and chat template included), read back identical")
+        adapter = _peft_adapter(ckpt, run.dir, tok)
+        if adapter:
+            metrics["peft_adapter"] = str(adapter)
 
     if cfg.format in ("gguf", "both"):
         from ember.model.gguf import export_gguf, load_gguf, read_gguf, to_gguf_tensors
@@ -97,6 +91,30 @@ def main(cfg: Config) -> dict:
         print0(f"[export] GGUF {path} ({metrics['gguf_bytes'] / 1e6:.1f} MB, {cfg.dtype}), "
                f"read back max |diff| {metrics['gguf_max_abs_diff']:.2g}")
     return run.finish(metrics)
+
+
+def _peft_adapter(ckpt: Path, out: Path, tok) -> Path | None:
+    """For a LoRA fine-tune (the checkpoint holds adapter.safetensors), the adapter as peft reads it, next to its
+    base model as an HF folder: <out>/adapter/ (adapter_config.json + adapter_model.safetensors) and <out>/base/.
+    `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)` is then the fine-tuned model."""
+    from ember.model import lora
+    from ember.model.hf import export_hf
+    from ember.model.load import load_model
+
+    if not (ckpt / lora.ADAPTER_FILE).is_file():
+        return None
+    _, info = lora.read_adapter(ckpt)
+    base_path = info.get("base")
+    if info.get("method") != "lora" or not base_path or not Path(base_path).exists():
+        print0(f"[export] {ckpt} holds a {info.get('method', '?')} adapter whose base ({base_path}) is not here: "
+               f"only the merged HF folder is written")
+        return None
+    base = load_model(base_path).float()
+    export_hf(base, out / "base", tok)
+    lora.load_adapter(ckpt, base)
+    path = lora.save_peft_adapter(out / "adapter", base, base_model_name_or_path=str((out / "base").resolve()))
+    print0(f"[export] PEFT adapter {path} on the HF base {out / 'base'}")
+    return path
 
 
 if __name__ == "__main__":

@@ -95,6 +95,10 @@ def _token_str(v) -> str | None:
     return v if isinstance(v, str) else None
 
 
+# Llama-2/Mistral, GPT-2/SmolLM/Qwen, Llama-3, Gemma, ember-style names; the first that is a special token wins
+GUESSES = {"eos": ("</s>", "endoftext", "end_of_text", "eos"), "bos": ("<s>", "begin_of_text", "bos"), "pad": ("pad",)}
+
+
 def folder_settings(path: Path, hf) -> dict:
     """What transformers reads beside a tokenizer.json: special token strings, add_bos, chat template,
     generation_config's eos ids; keys absent when the files do not say."""
@@ -119,6 +123,13 @@ def folder_settings(path: Path, hf) -> dict:
         first = _first_special(proc)
         if first is not None and hf.token_to_id(first) is not None:
             out["bos"] = first
+    # a bare tokenizer.json names no EOS/BOS/PAD: find them among its special tokens by the families' usual names
+    specials = [t["content"] for t in json.loads(hf.to_str()).get("added_tokens", []) if t.get("special")]
+    for key, names in GUESSES.items():
+        if key not in out:
+            found = next((t for name in names for t in specials if t == name or t.strip("<|>").lower() == name), None)
+            if found is not None:
+                out[key] = found
     if isinstance(cfg.get("add_bos_token"), bool):
         out["add_bos"] = cfg["add_bos_token"]
     else:

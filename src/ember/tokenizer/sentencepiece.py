@@ -162,13 +162,15 @@ class SentencePiece:
 
     def decode(self, ids, skip_special: bool = False) -> str:
         """Pieces concatenated (byte tokens as raw bytes); the space after a BOS is the dummy prefix, dropped.
-        Special tokens are written by name ("<s>") unless skip_special."""
+        BOS and EOS write no text (as llama2.c's run.c and llama.cpp's detokenizer: a story ends where the next
+        begins); other special tokens are written by name unless skip_special."""
         out, prev = bytearray(), None
         bos = self.special.get("<s>")
+        silent = {bos, self.special.get("</s>")}
         for t in ids:
             t = int(t)
             if t in self.names or not 0 <= t < self.vocab_size:
-                if t in self.names and not skip_special:
+                if t in self.names and not skip_special and t not in silent:
                     out += self.names[t].encode()
                 prev = t
                 continue
