@@ -143,7 +143,6 @@ def preference_score(model, tok, prompt, principle: dict, a: str, b: str, max_le
 
 
 def main(cfg: Config) -> dict:
-    from ember.tokenizer.special import load_tokenizer
 
     principles_path = cfg.principles or str(DEFAULT_PRINCIPLES)
     run, paths = begin_stage("constitution", cfg, principles=principles_path,
@@ -152,13 +151,13 @@ def main(cfg: Config) -> dict:
         return run.metrics
     rng = random.Random(cfg.seed)
     device = pick_device(cfg.device)
-    tok = load_tokenizer(paths["tokenizer"])
+    lm, tok = load_lm(paths["model"], device, cfg)
     constitution = load_constitution(principles_path)
     prompts = load_prompt_file(cfg.prompts) if cfg.prompts else constitution["prompts"]
     prompts = prompts[:cfg.n_prompts] if cfg.n_prompts else prompts
     if not prompts:
         raise UserError(f"no prompts: {principles_path} has no \"prompts\" list; pass --prompts=FILE")
-    model = load_lm(paths["model"], device).eval()
+    model = lm.eval()
     sample = Sampler(model, tok, cfg, torch.Generator().manual_seed(cfg.seed))
     principles = constitution["principles"]
     print0(f"[constitution] {len(prompts)} prompts, {len(principles)} principles, {cfg.revisions} revision round(s)")

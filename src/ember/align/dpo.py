@@ -111,17 +111,15 @@ def evaluate(policy_logps: torch.Tensor, ref_logps: torch.Tensor, cfg: Config) -
 
 def main(cfg: Config) -> dict:
     from ember.common.optim import build_adamw, lr_factor
-    from ember.tokenizer.special import load_tokenizer
 
     run, paths = begin_stage("dpo", cfg, **data_inputs(cfg.data))
     if run.cached:
         return run.metrics
     device = pick_device(cfg.device)
-    tok = load_tokenizer(paths["tokenizer"])
+    lm, tok = load_lm(paths["model"], device, cfg)
     loss_fn, average = OBJECTIVES[cfg.objective]
 
     # data, cut to the model's context
-    lm = load_lm(paths["model"], device)
     max_len, max_prompt_len = fit_context(lm, cfg.max_len, cfg.max_prompt_len, "dpo")
     train_pairs, val_pairs = preference_split(cfg.data, cfg.n_pairs, cfg.val_frac, cfg.seed)
     train = encode_pairs(tok, train_pairs, cfg.template, max_len, max_prompt_len)

@@ -116,19 +116,18 @@ def accuracy(model, tok, tasks: list[dict], cfg: Config, device) -> float:
 
 def main(cfg: Config) -> dict:
     from ember.common.optim import build_adamw, lr_factor
-    from ember.tokenizer.special import load_tokenizer
 
     run, paths = begin_stage("grpo", cfg, **data_inputs(cfg.data))
     if run.cached:
         return run.metrics
     device = pick_device(cfg.device)
     gen = torch.Generator().manual_seed(cfg.seed)
-    tok = load_tokenizer(paths["tokenizer"])
+    lm, tok = load_lm(paths["model"], device, cfg)
     stop = stop_id(tok, cfg.template)
 
     train, val = split_tasks(cfg)
     print0(f"[grpo] {len(train)} train / {len(val)} held-out tasks from {cfg.data}")
-    pr = PolicyWithReference(load_lm(paths["model"], device), cfg.lora_r, cfg.lora_alpha, cfg.lora_targets)
+    pr = PolicyWithReference(lm, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets)
     policy = pr.model.train()
     keep = prompt_budget(policy, cfg.max_prompt_len, cfg.max_new_tokens)
     opt = build_adamw(policy, cfg.lr, cfg.weight_decay, (0.9, 0.95), device)

@@ -156,19 +156,18 @@ def rollout(pr, reward_model, tok, prompts: list, cfg: Config, device, generator
 
 def main(cfg: Config) -> dict:
     from ember.common.optim import build_adamw
-    from ember.tokenizer.special import load_tokenizer
 
     rm_dir = cfg.reward_model or str(Path(cfg.run) / "reward" / "final")
     run, paths = begin_stage("ppo", cfg, reward_model=rm_dir, **data_inputs(cfg.data))
     if run.cached:
         return run.metrics
     device = pick_device(cfg.device)
-    tok = load_tokenizer(paths["tokenizer"])
+    lm, tok = load_lm(paths["model"], device, cfg)
     train, val = load_prompts(cfg)
     print0(f"[ppo] {len(train)} train / {len(val)} held-out prompts from {cfg.data}")
 
     # models: policy (+ reference), frozen reward model, value model initialized from the reward model
-    pr = PolicyWithReference(load_lm(paths["model"], device), cfg.lora_r, cfg.lora_alpha, cfg.lora_targets)
+    pr = PolicyWithReference(lm, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets)
     reward_model = load_scalar_model(rm_dir, device, cfg.template, tok.sha256).requires_grad_(False).eval()
     value_model = load_scalar_model(rm_dir, device, cfg.template, tok.sha256).train()
     opt = build_adamw(pr.model, cfg.lr, 0.0, (0.9, 0.95), device)

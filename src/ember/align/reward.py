@@ -154,16 +154,14 @@ def evaluate(model: nn.Module, encoded, pad_id: int, device, batch_size: int = 3
 
 def main(cfg: Config) -> dict:
     from ember.common.optim import build_adamw, lr_factor
-    from ember.tokenizer.special import load_tokenizer
 
     run, paths = begin_stage("reward", cfg, **data_inputs(cfg.data))
     if run.cached:
         return run.metrics
     device = pick_device(cfg.device)
-    tok = load_tokenizer(paths["tokenizer"])
+    lm, tok = load_lm(paths["model"], device, cfg)
 
     # data: pairs -> token ids within the model's context, split by conversation so held-out ones are unseen
-    lm = load_lm(paths["model"], device)
     max_len, max_prompt_len = fit_context(lm, cfg.max_len, cfg.max_prompt_len, "reward")
     train_pairs, val_pairs = preference_split(cfg.data, cfg.n_pairs, cfg.val_frac, cfg.seed)
     train = encode_pairs(tok, train_pairs, cfg.template, max_len, max_prompt_len)

@@ -34,12 +34,17 @@ def encode_prompt(tok, prompt, template: str) -> list[int]:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         return render_chat(tok, messages, add_generation_prompt=True)[0]
     text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
-    return [tok.bos_id] + tok.encode(text)
+    return ([tok.bos_id] if tok.add_bos else []) + tok.encode(text)  # a document starts as the model's did
 
 
 def stop_id(tok, template: str) -> int:
-    """The token that ends a reply: <|end|> closes an assistant turn, <|eos|> a raw document."""
-    return tok.end_id if template == "chat" else tok.eos_id
+    """The token that ends a reply: the chat template's end-of-turn (<|end|>, <|im_end|>, <|eot_id|>) closes an
+    assistant turn, EOS a raw document."""
+    stop = tok.end_id if template == "chat" and tok.end_id is not None else tok.eos_id
+    if stop is None:
+        raise UserError(f"the tokenizer {tok.path or ''} has no end-of-turn or EOS token to end a reply with; "
+                        f"use a model whose tokenizer names its eos_token (tokenizer_config.json)")
+    return stop
 
 
 def encode_response(tok, text: str, template: str) -> list[int]:
@@ -184,23 +189,24 @@ def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, st
 
 
 def begin_stage(stage: str, cfg, **inputs):
-    """The opening all alignment recipes share: inputs default to their conventional places in the run
-    folder (model <run>/sft/final, tokenizer <run>/tokenizer/tokenizer.json), artifacts.begin records them
-    (and answers "cached"), then seeding. Returns (run, inputs with the defaults filled in)."""
+    """The opening all alignment recipes share: the model defaults to <run>/sft/final (any format model/load.py
+    reads) and its tokenizer to the model's own, artifacts.begin records them (and answers "cached"), then
+    seeding. Returns (run, inputs with the defaults filled in)."""
     from ember.common import artifacts
+    from ember.model.load import model_inputs
 
-    paths = {"model": cfg.model or str(Path(cfg.run) / "sft" / "final"),
-             "tokenizer": cfg.tokenizer or str(Path(cfg.run) / "tokenizer" / "tokenizer.json"), **inputs}
+    paths = {**model_inputs(cfg.model or Path(cfg.run) / "sft" / "final", cfg.tokenizer, cfg.run), **inputs}
     run = artifacts.begin(stage, cfg, inputs=paths)
     torch.manual_seed(cfg.seed)
     return run, paths
 
 
 
-def load_lm(path: str | Path, device) -> nn.Module:
-    from ember.common.checkpoint import load_model
+def load_lm(path: str | Path, device, cfg) -> tuple[nn.Module, object]:
+    """(model, tokenizer) of the policy's starting point: any format, its own tokenizer unless cfg.tokenizer."""
+    from ember.model.load import load
 
-    return load_model(path, device)
+    return load(path, device, tokenizer=cfg.tokenizer, run=cfg.run)
 
 
 class PolicyWithReference:

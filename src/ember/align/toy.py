@@ -52,8 +52,7 @@ def make_toy_run(run: str | Path, sft_steps: int = 300, n_layer: int = 2, n_embd
     texts = [p["prompt"] + "\n" + p["chosen"] for p in stdlib_pairs(400, seed=7)]
     texts += [t["prompt"] + " " + t["answer"] for t in arithmetic_tasks(500, seed=7)]
     tok = train_tokenizer(texts, vocab_size=512)
-    (run / "tokenizer").mkdir(parents=True, exist_ok=True)
-    tok.hf.save(str(run / "tokenizer" / "tokenizer.json"))
+    tok.save(run / "tokenizer")
     torch.manual_seed(seed)
     config = GPTConfig(vocab_size=tok.vocab_size, n_layer=n_layer, n_head=2, n_kv_head=2, n_embd=n_embd, max_seq_len=256)
     model = build_model(config, "cpu")

@@ -110,15 +110,24 @@ def _load(path: Path, fmt: str, device, dtype):
 
 
 def find_tokenizer(path: str | Path, run: str | Path = "", vocab_size: int = 0) -> Path | None:
-    """Where a model's tokenizer lies: beside it (tokenizer.json, or llama2.c's tok{V}.bin / tokenizer.bin), in
-    the run folder the checkpoint sits in (<run>/<stage>/final -> <run>/tokenizer), or in `run`'s."""
+    """Where a model's tokenizer lies: beside it (tokenizer.json, or the tok.bin that Tokenizer.save writes for
+    a SentencePiece vocabulary; llama2.c's tok{V}.bin beside a .bin model), in the run folder the checkpoint
+    sits in (<run>/<stage>/final -> <run>/tokenizer), or in `run`'s. None when there is none."""
     path = Path(path)
+    if path.suffix == ".gguf":
+        return None  # the tokenizer is inside the file
     base = path if path.is_dir() else path.parent
-    cands = [base / "tokenizer.json"]
     if path.suffix == ".bin":  # llama2.c: tok512.bin beside stories260K.bin; the vocab size picks the file
         cands = [base / f"tok{vocab_size}.bin", base / "tokenizer.bin"]
     else:
-        cands.append(base.parent.parent / "tokenizer" / "tokenizer.json")
+        cands = [base / "tokenizer.json", base / "tok.bin", base.parent.parent / "tokenizer" / "tokenizer.json"]
         if run:
             cands.append(Path(run) / "tokenizer" / "tokenizer.json")
     return next((c for c in cands if c.is_file()), None)
+
+
+def model_inputs(path: str | Path, tokenizer: str | Path = "", run: str | Path = "") -> dict[str, Path]:
+    """The lineage inputs of a stage that reads this model: {"model": path, "tokenizer": the file it will use}
+    (no tokenizer entry when the model carries its own, as a GGUF does)."""
+    tok = Path(tokenizer) if tokenizer else find_tokenizer(path, run)
+    return {"model": Path(path), **({"tokenizer": tok} if tok is not None else {})}

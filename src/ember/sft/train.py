@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -36,8 +35,8 @@ from ember.sft import data as D
 @dataclass
 class Config:
     run: str = "runs/default"  # run folder; this stage writes <run>/sft/
-    model: str = ""  # checkpoint folder to fine-tune; empty = <run>/pretrain/final
-    tokenizer: str = ""  # tokenizer.json (or its folder); empty = <run>/tokenizer/tokenizer.json
+    model: str = ""  # model to fine-tune: ember checkpoint folder, HF folder, .gguf or llama2.c .bin; empty = <run>/pretrain/final
+    tokenizer: str = ""  # tokenizer.json (or its folder); empty = the model's own (beside it, in the GGUF, or <run>/tokenizer)
     data: str = ""  # chat .jsonl/.json file or folder (messages, ShareGPT, Alpaca, prompt/response, OASST); empty = stdlib set
     max_examples: int = 4000  # conversations used at most (the stdlib set builds this many)
     max_files: int = 0  # stdlib set only: parse at most this many source files (0 = all, ~700); bounds build time
@@ -110,7 +109,8 @@ def eval_loss(model, rows, cfg: Config, pad_id: int, seq_len: int, device, autoc
 
 @torch.no_grad()
 def stop_eval(model, tok, convs: list[list[dict]], n: int) -> tuple[float, list[dict]]:
-    """Share of held-out prompts whose greedy answer ends with <|end|> within 2x the reference length + 16.
+    """Share of held-out prompts whose greedy answer ends (the template's end-of-turn token, or EOS) within 2x
+    the reference length + 16.
 
     The prompt is each conversation up to its last assistant reply; that reply is the reference.
     """
@@ -130,7 +130,7 @@ def stop_eval(model, tok, convs: list[list[dict]], n: int) -> tuple[float, list[
         jobs.append((conv, last, prompt, budget))
     # all greedy answers decode as one batch; budget + 1 tokens, so one over the budget shows it did not stop
     replies = generate(model, [p for _, _, p, _ in jobs], [SamplingParams(max_tokens=b + 1, temperature=0)
-                                                          for _, _, _, b in jobs], stop_ids=(tok.end_id,))
+                                                          for _, _, _, b in jobs], stop_ids=tok.stop_ids)
     stopped, samples = 0, []
     for (conv, last, _, budget), r in zip(jobs, replies):
         out = r.tokens[:-1] if r.finish_reason == "stop" else r.tokens  # the stop id is not part of the answer
@@ -153,18 +153,17 @@ def loss_text(x: float) -> str:
 # ---------------------------------------------------------------------------- the recipe
 
 def main(cfg: Config) -> dict:
-    from ember.common.checkpoint import load_model, save_model
+    from ember.common.checkpoint import save_model
     from ember.common.dist import native_bf16, pick_device
     from ember.model.lora import apply_lora, merge_lora, save_adapter
     from ember.model.quant import dequantize_nf4_, frozen_weight_bytes, quantize_nf4_
     from ember.common.optim import build_adamw, lr_factor
-    from ember.tokenizer.special import load_tokenizer
+    from ember.model.load import load, model_inputs
 
     # ---- init
     run_dir = Path(cfg.run)
     ckpt = Path(cfg.model or run_dir / "pretrain" / "final")
-    tok_path = Path(cfg.tokenizer or run_dir / "tokenizer" / "tokenizer.json")
-    inputs = {"model": ckpt, "tokenizer": tok_path}
+    inputs = model_inputs(ckpt, cfg.tokenizer, cfg.run)  # any format model/load.py reads, and its own tokenizer
     if cfg.data:
         inputs["data"] = input_identity(cfg.data)  # a file's path (hashed), or an hf: dataset's identity
     run = artifacts.begin("sft", cfg, inputs=inputs)
@@ -175,12 +174,8 @@ def main(cfg: Config) -> dict:
     device = pick_device(cfg.device)
     use_dtype = cfg.dtype if cfg.dtype != "auto" else ("bf16" if native_bf16(device) else "fp32")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_dtype == "bf16" else nullcontext()
-    tok = load_tokenizer(tok_path)
-    model = load_model(ckpt, device=device)
+    model, tok = load(ckpt, device, tokenizer=cfg.tokenizer, run=cfg.run)  # refuses a tokenizer larger than the model
     mcfg = model.config
-    if tok.vocab_size > mcfg.vocab_size:
-        raise UserError(f"tokenizer {tok_path} has {tok.vocab_size} ids but the model {ckpt} only "
-                        f"{mcfg.vocab_size}: fine-tune with the tokenizer the model was pretrained with")
     seq_len = cfg.seq_len or mcfg.max_seq_len
     require(seq_len <= mcfg.max_seq_len, "seq_len", seq_len, f"at most the model's max_seq_len = {mcfg.max_seq_len}")
     lr = cfg.lr or (5e-4 if cfg.method == "full" else 2e-3)
@@ -236,7 +231,7 @@ def main(cfg: Config) -> dict:
     # ---- evaluation before training (the baseline the metrics compare to)
     val_loss0 = eval_loss(model, val_rows, cfg, tok.pad_id, seq_len, device, autocast)
     stop0, _ = stop_eval(model, tok, val_convs, cfg.stop_prompts)
-    print0(f"[sft] before: val loss {loss_text(val_loss0)} | stops at <|end|> {pct(stop0)}"
+    print0(f"[sft] before: val loss {loss_text(val_loss0)} | stops at end of turn {pct(stop0)}"
            + (" (no held-out prompt fits the context)" if math.isnan(stop0) and cfg.stop_prompts else ""))
     metrics.log(0, val_loss=val_loss0, stop_rate=stop0)
 
@@ -287,7 +282,7 @@ def main(cfg: Config) -> dict:
     # ---- evaluation after training
     val_loss = eval_loss(model, val_rows, cfg, tok.pad_id, seq_len, device, autocast)
     stop1, samples = stop_eval(model, tok, val_convs, cfg.stop_prompts)
-    print0(f"[sft] after: val loss {loss_text(val_loss)} (was {loss_text(val_loss0)}) | stops at <|end|> {pct(stop1)} "
+    print0(f"[sft] after: val loss {loss_text(val_loss)} (was {loss_text(val_loss0)}) | stops at end of turn {pct(stop1)} "
            f"(was {pct(stop0)})")
     metrics.log(total_steps, val_loss=val_loss, stop_rate=stop1)
     metrics.close()
@@ -302,7 +297,7 @@ def main(cfg: Config) -> dict:
             merge_lora(model)
             dequantize_nf4_(model)  # QLoRA: the NF4 embedding/head too; a no-op for LoRA
         save_model(tmp, model)
-        shutil.copy(tok.path, tmp / "tokenizer.json")
+        tok.save(tmp, model_max_length=mcfg.max_seq_len)  # the model's own tokenizer and chat template, beside it
     r4 = lambda x: None if math.isnan(x) else round(x, 4)  # nan (no held-out data) -> null in meta.json
     return run.finish({
         "method": cfg.method, "steps": total_steps, "epochs": round(total_steps / steps_per_epoch, 3),
