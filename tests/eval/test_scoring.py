@@ -62,7 +62,10 @@ def test_encode_pair_moves_trailing_space_and_adds_bos(lm):
     ctx, cont = lm.encode_pair("Question: 2+2 ", "4")
     assert ctx == [256] + list(b"Question: 2+2") and cont == list(b" 4")
     lm.add_bos = False
-    assert lm.encode_pair("", "ab") == ([257], list(b"ab"))  # empty context starts from EOS
+    assert lm.encode_pair("Q ", "4") == (list(b"Q"), list(b" 4"))  # no BOS before a context (SmolLM2, Qwen)
+    assert lm.encode_pair("", "ab") == ([256], list(b"ab"))  # an empty context is BOS still: lm-eval's prefix token
+    lm.tokenizer = type("NoBos", (ByteTokenizer,), {"bos_id": None})()
+    assert lm.encode_pair("", "ab") == ([257], list(b"ab"))  # else EOS
     assert lm.encode_pair("Q:\n\t", "4")[1] == list(b"\n\t4")  # all trailing whitespace moves, as lm-eval
 
 

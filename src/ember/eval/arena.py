@@ -2,13 +2,15 @@
 
     ember arena --run=runs/demo                                   # votes from the chat page (<run>/serve/votes.jsonl)
     ember arena --models=base=runs/demo/pretrain/final,sft=runs/demo/sft/final --judge=runs/demo/sft/final
+    ember arena --models=ours=runs/demo/sft/final,smol=SmolLM2-135M-Instruct.Q4_1.gguf --judge=out/hf   # any format
 
 Votes are JSONL, one comparison per line, as the serving UI writes them:
     {"a": "sft", "b": "base", "winner": "a", "prompt": "...", "answer_a": "...", "answer_b": "..."}
 winner is "a", "b", "tie" or "both_bad" (a tie for the ratings); a vote of a model against itself (two
 seeds) carries no rating information and is only counted. With --models, the models answer --prompts and
 a judge votes: an LLM judge (a checkpoint asked which answer is better, in both orders to cancel position
-bias) or, from Python, any reward function `score(prompt, answer) -> float` (`reward_judge`).
+bias) or, from Python, any reward function `score(prompt, answer) -> float` (`reward_judge`). Models and
+judge are read by `model.load` (ember, HF folder, GGUF, llama2.c), each with its own tokenizer.
 Bradley-Terry: P(i beats j) = p_i / (p_i + p_j), fitted by minorization-maximization (Hunter 2004) and
 shown on the Elo scale (400 log10 p, mean 1000), like Chatbot Arena; Elo is the online update, order-dependent.
 """
@@ -185,8 +187,8 @@ class Config:
     run: str = "runs/default"  # run folder; this stage writes <run>/arena/
     votes: str = ""  # votes JSONL to rate; empty = <run>/serve/votes.jsonl when it exists
     models: list[str] = field(default_factory=list)  # name=checkpoint pairs that battle on --prompts (judge votes)
-    judge: str = ""  # checkpoint of the LLM judge (needed with --models)
-    tokenizer: str = ""  # tokenizer for models and judge; empty = <run>/tokenizer
+    judge: str = ""  # the LLM judge, any format (needed with --models)
+    tokenizer: str = ""  # one tokenizer for models and judge; empty = each model's own (beside it, <run>/tokenizer)
     prompts: str = ""  # JSONL with "prompt" (or "instruction"); empty = alpaca_eval from the datasets folder
     n_prompts: int = 20  # prompts per battle
     max_new_tokens: int = 128  # answer length per model
@@ -209,11 +211,12 @@ def main(cfg: Config) -> dict:
     from ember.eval.scoring import generate, load_lm
 
     votes_path = Path(cfg.votes) if cfg.votes else Path(cfg.run) / "serve" / "votes.jsonl"
-    tok = Path(cfg.tokenizer) if cfg.tokenizer else Path(cfg.run) / "tokenizer"
     inputs = {"votes": votes_path} if votes_path.exists() or cfg.votes else {}
     if cfg.models:
+        # each model's file or folder is hashed; its own tokenizer is hashed with it (beside it or inside a GGUF)
+        # except an ember checkpoint's in <run>/tokenizer, which --tokenizer or the run's lineage covers
         inputs.update({f"model_{m.split('=', 1)[0]}": m.split("=", 1)[1] for m in cfg.models})
-        inputs.update(judge=cfg.judge, tokenizer=tok)
+        inputs.update(judge=cfg.judge, **({"tokenizer": cfg.tokenizer} if cfg.tokenizer else {}))
     if not inputs:
         raise UserError(f"nothing to rate: no votes at {votes_path} and no --models; collect votes with `ember serve` "
                         f"or pass --models=a=CKPT,b=CKPT --judge=CKPT")
@@ -225,10 +228,10 @@ def main(cfg: Config) -> dict:
         src = Path(cfg.prompts) if cfg.prompts else datasets_dir() / "alpaca_eval" / "alpaca_eval.jsonl"
         prompts = read_prompts(src)
         prompts = random.Random(cfg.seed).sample(prompts, min(cfg.n_prompts, len(prompts)))
-        lms = {m.split("=", 1)[0]: load_lm(m.split("=", 1)[1], tok) for m in cfg.models}
+        lms = {m.split("=", 1)[0]: load_lm(m.split("=", 1)[1], cfg.tokenizer, run=cfg.run) for m in cfg.models}
         answer = {n: (lambda p, lm=lm: generate(lm, f"{p}\n\n", cfg.max_new_tokens, ("\n\n",))[0].strip())
                   for n, lm in lms.items()}
-        judged = battle(answer, prompts, llm_judge(load_lm(cfg.judge, tok)), cfg.seed)
+        judged = battle(answer, prompts, llm_judge(load_lm(cfg.judge, cfg.tokenizer, run=cfg.run)), cfg.seed)
         artifacts.write_text(run.dir / "judge_votes.jsonl", "".join(json.dumps(v) + "\n" for v in judged))
         votes += judged
     table = ratings(votes, cfg.bootstrap, cfg.seed, cfg.prior)

@@ -2,6 +2,7 @@
 
     ember card --run=runs/quickstart              # <run>/card/MODEL_CARD.md + card.json
     ember card --checkpoint=runs/x/sft/final --eval=runs/x/eval
+    ember card --checkpoint=SmolLM2-135M-Instruct.Q4_1.gguf --eval=runs/smol/eval   # any format model.load reads
 
 Sections (Mitchell et al. 2019, "Model Cards for Model Reporting", trimmed to what a run records): model
 (architecture and size from the checkpoint), training data (sources and licenses from the curation data
@@ -48,13 +49,10 @@ def model_facts(ckpt: Path) -> dict:
     """Architecture and size, read from the checkpoint itself."""
     from dataclasses import asdict
 
+    from ember.model.load import load_model
+
     try:
-        if str(ckpt).endswith(".bin"):
-            from ember.model.llama2c import load_llama2c
-            model = load_llama2c(ckpt)
-        else:
-            from ember.common.checkpoint import load_model
-            model = load_model(ckpt, "cpu")
+        model = load_model(ckpt, "cpu")  # any format: ember, HF folder, GGUF, llama2.c
     except Exception as e:  # a card is still useful without the architecture section
         print0(f"[card] could not read the model at {ckpt} ({e}); the card leaves the architecture out")
         return {}

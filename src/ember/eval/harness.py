@@ -3,8 +3,10 @@
     ember eval --run=runs/quickstart --preset=quickstart     # a small subset of every task, ~1 minute
     ember eval --tasks=hellaswag,arc_easy,mmlu --limit=500   # seeded random 500 items per task
     ember eval --tasks=ppl:notes.txt,gsm8k:my_gsm8k.jsonl --checkpoint=runs/x/pretrain/step_000500
+    ember eval --checkpoint=SmolLM2-135M-Instruct.Q4_1.gguf --tasks=hellaswag,arc_easy --limit=200   # any format
 
-Checkpoint default: <run>/sft/final if the sft stage finished, else <run>/pretrain/final. Tasks: ppl
+Checkpoint default: <run>/sft/final if the sft stage finished, else <run>/pretrain/final; any format
+`model.load` reads (ember, HF folder, GGUF, llama2.c), scored with the model's own tokenizer. Tasks: ppl
 (perplexity, bits/byte), hellaswag, arc_easy, arc_challenge, mmlu (multiple choice by log-likelihood,
 raw and length-normalized), gsm8k (exact match), humaneval (pass@k in a sandbox), alpaca_eval (BLEU/ROUGE
 against references). Every score has a 95% bootstrap interval; contaminated items (n-gram overlap with
@@ -19,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
 
@@ -41,8 +43,8 @@ MAX_DIRTY_IDS = 1000  # contaminated item ids written to results.json per task (
 @dataclass
 class Config:
     run: str = "runs/default"  # run folder; this stage writes <run>/eval/
-    checkpoint: str = ""  # model folder; empty = <run>/sft/final if sft finished, else <run>/pretrain/final
-    tokenizer: str = ""  # tokenizer.json or its folder; empty = <run>/tokenizer
+    checkpoint: str = ""  # ember/HF folder, .gguf or llama2.c .bin; empty = <run>/sft/final, else <run>/pretrain/final
+    tokenizer: str = ""  # tokenizer.json, its folder or tok*.bin; empty = the model's own (beside it, <run>/tokenizer, GGUF)
     tasks: list[str] = field(default_factory=lambda: list(ALL_TASKS))  # names, each optionally name:PATH to its data
     data_dir: str = ""  # benchmark datasets folder; empty = $EMBER_DATASETS, else ../shared/datasets
     limit: int = 0  # items per task, a seeded random subset (0 = all); the quickstart uses a few dozen
@@ -51,7 +53,7 @@ class Config:
     max_len: int = 0  # longest scored sequence in tokens; 0 = the model's max_seq_len
     device: str = "auto"  # cpu, cuda, cuda:1 ...; auto = cuda when available
     dtype: str = "float32"  # float32 | bfloat16 | float16 weights for scoring (bf16 halves memory on GPU)
-    add_bos: bool = True  # start every sequence with <|bos|> as pretraining documents do
+    add_bos: Literal["auto", "true", "false"] = "auto"  # BOS before each sequence; auto = the tokenizer's add_bos, as lm-eval HF
     bootstrap: int = 1000  # resamples for the 95% intervals (0 = no intervals)
     seed: int = 0  # item subsets, few-shot draws, sampling, bootstrap
     max_new_tokens: int = 256  # generation budget (gsm8k, humaneval, alpaca_eval)
@@ -170,9 +172,11 @@ def add_contamination(results: dict, items_by_task: dict, metas: list[dict], n: 
 
 def main(cfg: Config) -> dict:
     from ember.eval.scoring import default_device, load_lm
+    from ember.model.load import find_tokenizer
 
     ckpt = Path(cfg.checkpoint) if cfg.checkpoint else default_checkpoint(cfg.run)
-    tok = Path(cfg.tokenizer) if cfg.tokenizer else Path(cfg.run) / "tokenizer"
+    # the tokenizer file the loader will read, hashed for lineage; none when the model carries its own (GGUF)
+    tok = Path(cfg.tokenizer) if cfg.tokenizer else find_tokenizer(ckpt, cfg.run)
     data = datasets_dir(cfg.data_dir)
     specs = task_specs(cfg, data)
     missing = [(n, p) for n, p, _, _ in specs if not is_hf(p) and not p.exists()]
@@ -180,13 +184,14 @@ def main(cfg: Config) -> dict:
         raise UserError(f"eval data not found: {', '.join(f'{n} at {p}' for n, p in missing)}. Set --data_dir, "
                         f"pass name:PATH, or --skip_missing=true")
     # data files are inputs too, so a changed benchmark file reruns the stage
-    inputs = {"checkpoint": ckpt, "tokenizer": tok, **{f"data_{n}": input_identity(p) if is_hf(p) else p for n, p, _, _ in specs if is_hf(p) or p.exists()}}
+    inputs = {"checkpoint": ckpt, **({"tokenizer": tok} if tok else {}),
+              **{f"data_{n}": input_identity(p) if is_hf(p) else p for n, p, _, _ in specs if is_hf(p) or p.exists()}}
     run = artifacts.begin("eval", cfg, inputs=inputs)
     if run.cached:
         return run.metrics
     device = default_device() if cfg.device == "auto" else cfg.device
-    lm = load_lm(ckpt, tok, device=device, batch_size=cfg.batch_size, max_len=cfg.max_len, add_bos=cfg.add_bos,
-                 dtype=cfg.dtype)
+    lm = load_lm(ckpt, cfg.tokenizer, device=device, batch_size=cfg.batch_size, max_len=cfg.max_len,
+                 add_bos={"auto": None, "true": True, "false": False}[cfg.add_bos], dtype=cfg.dtype, run=cfg.run)
 
     results, items_by_task = {}, {}
     for name, path, pool, load in specs:
@@ -206,7 +211,8 @@ def main(cfg: Config) -> dict:
         contam = add_contamination(results, items_by_task, artifacts.lineage(run.dir), cfg.contamination_n)
     for rec in results.values():
         rec.pop("_scored", None)
-    header = {"checkpoint": str(ckpt), "tokenizer": str(tok), "device": device, "seed": cfg.seed,
+    header = {"checkpoint": str(ckpt), "tokenizer": str(getattr(lm.tokenizer, "path", None) or "inside the model file"),
+              "BOS before each sequence": lm.add_bos, "device": device, "seed": cfg.seed,
               "bootstrap resamples": cfg.bootstrap, "contamination sources": len(contam.get("sources", []))}
     artifacts.write_json(run.dir / "results.json", {**header, "contamination": contam, "tasks": results,
                                                     "config": dataclasses.asdict(cfg)})

@@ -29,14 +29,21 @@ class EvalLM:
     max_len: int = 512  # longest token sequence fn accepts (the model's max_seq_len)
     batch_size: int = 16  # rows per forward pass when scoring
     device: str = "cpu"
-    add_bos: bool = True  # start every scored sequence with BOS, as ember's pretraining documents do
+    add_bos: bool = True  # start every sequence with BOS (gpt_lm: the tokenizer's own rule, as lm-eval's HF backend)
     model: Any = None  # the GPT behind fn, if any: generation needs it (the engine decodes with its KV cache)
     stop_ids: tuple[int, ...] = ()  # token ids that end a generation (EOS, <|end|>)
 
     @property
+    def start(self) -> list[int]:
+        """What every scored or prompted sequence starts with: BOS when add_bos (and the vocabulary has one)."""
+        bos = getattr(self.tokenizer, "bos_id", None)
+        return [bos] if self.add_bos and bos is not None else []
+
+    @property
     def prefix(self) -> list[int]:
-        """What an empty context starts from: BOS, else EOS (lm-evaluation-harness uses EOT the same way)."""
-        for name in (("bos_id", "eos_id") if self.add_bos else ("eos_id",)):
+        """What an empty context (a continuation or text scored from nothing) is conditioned on: BOS, else EOS,
+        whatever add_bos says, as lm-evaluation-harness' prefix_token_id (the first token needs some context)."""
+        for name in ("bos_id", "eos_id"):
             tid = getattr(self.tokenizer, name, None)
             if tid is not None:
                 return [tid]
@@ -57,8 +64,7 @@ class EvalLM:
         ctx = self.tokenizer.encode(context) if context else []
         if whole[:len(ctx)] != ctx:  # the merge crossed the boundary: fall back to separate encodings
             whole = ctx + self.tokenizer.encode(continuation)
-        prefix = self.prefix if (self.add_bos or not ctx) else []
-        return prefix + ctx, whole[len(ctx):]
+        return (self.start + ctx) if ctx else self.prefix, whole[len(ctx):]
 
     def loglikelihood_text(self, pairs: list[tuple[str, str]]) -> list[tuple[float, bool]]:
         return loglikelihood(self, [self.encode_pair(c, x) for c, x in pairs])
@@ -138,7 +144,8 @@ def generate(lm: EvalLM, prompt: str, max_new_tokens: int = 128, stop: tuple[str
                         "bare scoring function cannot be decoded with a KV cache")
     # a budget over half the context would leave the prompt little room: short-context models generate less
     max_new_tokens = min(max_new_tokens, lm.max_len // 2)
-    ids = (lm.prefix + lm.tokenizer.encode(prompt))[-(lm.max_len - max_new_tokens):]  # keep the prompt's end
+    # BOS only where the model's tokenizer adds it (lm-eval's generate_until encodes the same way)
+    ids = (lm.start + lm.tokenizer.encode(prompt) or lm.prefix)[-(lm.max_len - max_new_tokens):]  # keep the end
     gen = torch.Generator().manual_seed(seed)
     seeds = torch.randint(0, 2 ** 62, (n,), generator=gen).tolist()
     params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=tuple(s for s in stop if s),
@@ -159,32 +166,23 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_lm(checkpoint: str | Path, tokenizer: str | Path, device: str = "cpu", batch_size: int = 16,
-            max_len: int = 0, add_bos: bool = True, dtype: str = "float32") -> EvalLM:
-    """An EvalLM over an ember checkpoint folder (model.safetensors) and its tokenizer.json, or over a llama2.c
-    .bin checkpoint and its tok*.bin tokenizer (e.g. the pretrained stories260K, for realistic tests)."""
-    if str(checkpoint).endswith(".bin"):
-        from ember.model.llama2c import Llama2cTokenizer, load_llama2c
+def load_lm(checkpoint: str | Path, tokenizer: str | Path = "", device: str = "cpu", batch_size: int = 16,
+            max_len: int = 0, add_bos: bool | None = None, dtype: str = "float32", run: str | Path = "") -> EvalLM:
+    """An EvalLM over a model in any format `model.load` reads (ember checkpoint, HF folder, GGUF, llama2.c .bin)
+    with the model's own tokenizer; `tokenizer` overrides it, `run` is where an ember checkpoint's lies."""
+    from ember.model.load import load
 
-        model = load_llama2c(checkpoint, device)
-        tok = Llama2cTokenizer.load(tokenizer, model.config.vocab_size)
-    else:
-        from ember.common.checkpoint import load_model
-        from ember.tokenizer.special import load_tokenizer
-
-        model = load_model(checkpoint, device)
-        tok = load_tokenizer(tokenizer)
-    model.eval()
-    if dtype != "float32":
-        model.to(getattr(torch, dtype))
-    if tok.vocab_size > model.config.vocab_size:
-        raise UserError(f"tokenizer {tokenizer} has {tok.vocab_size} tokens but the model at {checkpoint} only "
-                        f"{model.config.vocab_size}: they come from different runs; pass the matching --tokenizer")
+    model, tok = load(checkpoint, device, getattr(torch, dtype), tokenizer=tokenizer, run=run)
     return gpt_lm(model, tok, device=device, batch_size=batch_size, max_len=max_len, add_bos=add_bos)
 
 
-def gpt_lm(model, tok, device: str = "cpu", batch_size: int = 16, max_len: int = 0, add_bos: bool = True) -> EvalLM:
-    """An EvalLM over an in-memory GPT (logits; scoring normalizes them)."""
+def gpt_lm(model, tok, device: str = "cpu", batch_size: int = 16, max_len: int = 0,
+           add_bos: bool | None = None) -> EvalLM:
+    """An EvalLM over an in-memory GPT (logits; scoring normalizes them). add_bos None = the tokenizer's own rule
+    (tok.add_bos: ember, llama2.c and Llama tokenizers add BOS, SmolLM2's and Qwen's none), which is what
+    lm-evaluation-harness' HF backend does by default: scores then agree with it on the same model."""
+    if add_bos is None:
+        add_bos = bool(getattr(tok, "add_bos", True))
     stop = getattr(tok, "stop_ids", None) or tuple(t for t in (getattr(tok, "eos_id", None), getattr(tok, "end_id", None))
                                                   if t is not None)
     return EvalLM(fn=lambda idx: model(idx), tokenizer=tok, max_len=max_len or model.config.max_seq_len,
