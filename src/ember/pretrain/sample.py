@@ -2,6 +2,11 @@
 
     ember sample                                           # <run>/pretrain/final with <run>/tokenizer
     ember sample --checkpoint=runs/demo/pretrain/step_000400 --temperature=0.8 --max_new_tokens=200
+    ember sample --checkpoint=SmolLM2-135M-Instruct.Q4_1.gguf --prompts='["The capital of France is"]'
+
+Any format model/load.py reads (ember checkpoint, HF folder, GGUF, llama2.c .bin), with the model's own
+tokenizer unless --tokenizer overrides it. A prompt starts as the model's documents did: after <|eos|> for
+ember's tokenizer (tokenize's separator), after BOS for a model that adds one (`Tokenizer.encode_prompt`).
 
 Writes `<run>/sample/samples.md` (readable) and `samples.jsonl` ({"prompt", "completion"} per line). The
 same `sample_prompts` prints samples during pretraining. Decoding runs on the shared engine (model/engine.py):
@@ -31,8 +36,8 @@ PROMPTS = ["def", "import os\n", "class Parser:\n", "    for i in range(", '"""R
 @dataclass
 class Config:
     run: str = "runs/default"  # run folder; this stage writes <run>/sample/
-    checkpoint: str = ""  # a checkpoint folder with model.safetensors; empty = <run>/pretrain/final
-    tokenizer: str = ""  # tokenizer.json (or its folder); empty = <run>/tokenizer/tokenizer.json
+    checkpoint: str = ""  # any model (ember checkpoint, HF folder, .gguf, llama2.c .bin); empty = <run>/pretrain/final
+    tokenizer: str = ""  # tokenizer.json, its folder or a tok*.bin; empty = the model's own (ember: <run>/tokenizer)
     prompts: list[str] = field(default_factory=lambda: list(PROMPTS))  # one sample per prompt
     max_new_tokens: int = 128  # tokens generated per prompt
     temperature: float = 0.8  # softmax temperature; 0 = greedy (argmax)
@@ -74,34 +79,48 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, temperature: flo
     return out[:-1] if out and out[-1] == stop_id else out
 
 
+def prompt_ids(tokenizer, text: str) -> list[int]:
+    """A document's opening as the model saw documents in pretraining: ember's data marks a document start with
+    the previous one's <|eos|>; another model's with BOS when it adds one (else nothing), as its own
+    generate() does."""
+    if tokenizer.kind == "ember":
+        return [tokenizer.eos_id] + tokenizer.encode(text)
+    return tokenizer.encode_prompt(text)
+
+
 def sample_prompts(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 0.8,
                    top_k: int = 50, seed: int = 0) -> list[dict]:
     """[{"prompt", "completion", "tokens"}] for each prompt, all decoded as one batch; deterministic for a seed
-    (own generator, global RNG untouched, so sampling inside a training loop does not change the run)."""
+    (own generator, global RNG untouched, so sampling inside a training loop does not change the run). A sample
+    ends at the end of its document: <|eos|> for ember's tokenizer, any of the model's stop ids otherwise."""
     gen = torch.Generator().manual_seed(seed)
-    limit, eos = model.config.max_seq_len, tokenizer.eos_id
-    # pretraining data marks a document start with <|eos|>
-    jobs = [_params([eos] + tokenizer.encode(p), limit, max_new_tokens, temperature, top_k, gen) for p in prompts]
+    limit = model.config.max_seq_len
+    stops = (tokenizer.eos_id,) if tokenizer.kind == "ember" else tuple(tokenizer.stop_ids)
+    jobs = [_params(prompt_ids(tokenizer, p), limit, max_new_tokens, temperature, top_k, gen) for p in prompts]
     out = []
-    for p, r in zip(prompts, engine.generate(model, [i for i, _ in jobs], [q for _, q in jobs], stop_ids=(eos,))):
-        new = r.tokens[:-1] if r.tokens and r.tokens[-1] == eos else r.tokens
+    for p, r in zip(prompts, engine.generate(model, [i for i, _ in jobs], [q for _, q in jobs], stop_ids=stops)):
+        new = r.tokens[:-1] if r.tokens and r.tokens[-1] in stops else r.tokens
         out.append({"prompt": p, "completion": tokenizer.decode(new), "tokens": len(new)})
     return out
 
 
 def main(cfg: Config) -> dict:
-    from ember.common.checkpoint import load_model
     from ember.common.dist import pick_device
-    from ember.tokenizer.special import load_tokenizer
+    from ember.model.load import detect_format, find_tokenizer, load
 
     ckpt = Path(cfg.checkpoint or Path(cfg.run) / "pretrain" / "final")
-    tok_path = Path(cfg.tokenizer or Path(cfg.run) / "tokenizer" / "tokenizer.json")
-    run = artifacts.begin("sample", cfg, inputs={"checkpoint": ckpt, "tokenizer": tok_path})
+    inputs = {"checkpoint": ckpt}
+    # the cache key: an ember checkpoint's tokenizer lies in its run; a GGUF or HF folder holds its own (hashed
+    # with the model); llama2.c's tok*.bin beside the .bin is found when loading
+    if cfg.tokenizer:
+        inputs["tokenizer"] = Path(cfg.tokenizer)
+    elif ckpt.exists() and detect_format(ckpt) == "ember":
+        inputs["tokenizer"] = find_tokenizer(ckpt, cfg.run) or Path(cfg.run) / "tokenizer" / "tokenizer.json"
+    run = artifacts.begin("sample", cfg, inputs=inputs)
     if run.cached:
         return run.metrics
     device = pick_device(cfg.device)
-    model = load_model(ckpt, device=device)
-    tokenizer = load_tokenizer(tok_path)
+    model, tokenizer = load(ckpt, device=device, tokenizer=cfg.tokenizer, run=cfg.run)
     t0 = time.perf_counter()
     samples = sample_prompts(model, tokenizer, cfg.prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.seed)
     dt = time.perf_counter() - t0
