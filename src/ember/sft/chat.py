@@ -3,8 +3,10 @@
     ember chat                                        # <run>/sft/final
     echo "Suggest a name for a function that sorts a list." | ember chat --temperature=0
     ember chat --model=runs/demo/sft/final --system="You are terse."
+    ember chat --model=SmolLM2-135M-Instruct.Q4_1.gguf        # any format model/load.py reads
 
-Each line read from stdin is a user turn; the reply is generated with the chat template until <|end|>.
+Each line read from stdin is a user turn; the reply is generated with the model's own chat template (its
+tokenizer's: ember's, ChatML, Llama 3's ...) until one of its stop tokens (end of turn, EOS).
 `/reset` forgets the conversation, `/quit` (or end of input) exits. Works the same when stdin is a pipe,
 so it can be scripted and tested; the `you>` prompt is shown only on a terminal.
 """
@@ -24,8 +26,8 @@ from ember.common.log import print0
 @dataclass
 class Config:
     run: str = "runs/default"  # run folder; the model defaults to <run>/sft/final (nothing is written)
-    model: str = ""  # checkpoint folder; empty = <run>/sft/final
-    tokenizer: str = ""  # tokenizer.json; empty = the one saved beside the model, else <run>/tokenizer/tokenizer.json
+    model: str = ""  # ember checkpoint, HF folder, .gguf or llama2.c .bin; empty = <run>/sft/final
+    tokenizer: str = ""  # tokenizer.json, folder or tok*.bin; empty = the model's own (beside it, else <run>/tokenizer)
     system: str = ""  # system message that opens every conversation; empty = none
     max_new_tokens: int = 256  # reply length cap in tokens
     temperature: float = 0.7  # softmax temperature; 0 = greedy (deterministic)
@@ -76,24 +78,20 @@ def reply(model, tok, messages: list[dict], cfg: Config, gen: torch.Generator) -
     max_new = min(cfg.max_new_tokens, limit // 2)
     ids = fit_history(tok, messages, limit - max_new)
     seed = int(torch.randint(0, 2 ** 62, (1,), generator=gen))  # each reply's seed from the session's generator
+    stops = tuple(tok.stop_ids)  # the end-of-turn token, EOS and generation_config's extra ids
     out = generate(model, [ids], SamplingParams(max_tokens=max_new, temperature=cfg.temperature, top_k=cfg.top_k,
-                                                seed=seed), stop_ids=(tok.end_id,))[0].tokens
-    return tok.decode(out[:-1] if out and out[-1] == tok.end_id else out).strip()
+                                                seed=seed), stop_ids=stops)[0].tokens
+    return tok.decode(out[:-1] if out and out[-1] in stops else out).strip()
 
 
 def main(cfg: Config, stdin=None, stdout=None) -> dict:
-    from ember.common.checkpoint import load_model
     from ember.common.dist import pick_device
-    from ember.tokenizer.special import load_tokenizer
+    from ember.model.load import load
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     model_dir = Path(cfg.model or Path(cfg.run) / "sft" / "final")
-    tok_path = Path(cfg.tokenizer) if cfg.tokenizer else (
-        model_dir / "tokenizer.json" if (model_dir / "tokenizer.json").is_file()
-        else Path(cfg.run) / "tokenizer" / "tokenizer.json")
-    model = load_model(model_dir, device=pick_device(cfg.device))
-    model.eval()
-    tok = load_tokenizer(tok_path)
+    # the tokenizer the model came with: beside it (sft saves final/tokenizer.json), in its run, or in cfg.run's
+    model, tok = load(model_dir, device=pick_device(cfg.device), tokenizer=cfg.tokenizer, run=cfg.run)
     gen = torch.Generator().manual_seed(cfg.seed)
     tty = hasattr(stdin, "isatty") and stdin.isatty()
     start = [{"role": "system", "content": cfg.system}] if cfg.system else []
