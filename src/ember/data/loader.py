@@ -8,10 +8,11 @@
     for x, y in val_batches("runs/q/tokenize/tokens", 8, 256, max_batches=20): ...
 
 A shard of n tokens holds (n - 1) // T windows of T + 1 tokens at stride T (documents are packed across
-windows, separated by <|eos|>). Each epoch visits every window once in the order of a permutation seeded by
-(seed, epoch). All ranks walk one global stream of windows: step s of rank r takes stream positions
-(s * world_size + r) * B ... + B - 1, so ranks never overlap, and their union at step s is what one rank
-would see over steps s * world_size ... + world_size - 1. The state is a single cursor into that stream.
+windows, each ended by the tokenizer's EOS: `document_frame`). Each epoch visits every window once in the
+order of a permutation seeded by (seed, epoch). All ranks walk one global stream of windows: step s of
+rank r takes stream positions (s * world_size + r) * B ... + B - 1, so ranks never overlap, and their union
+at step s is what one rank would see over steps s * world_size ... + world_size - 1. The state is a single
+cursor into that stream.
 """
 
 from __future__ import annotations
@@ -203,6 +204,45 @@ def open_loader(folders: str | Path | list, weights: list[float] | None = None, 
         raise UserError(f"{len(folders)} token folders but {len(weights)} weights")
     loaders = [TokenLoader(f, "train", batch_size, seq_len, seed, rank, world_size, device) for f in folders]
     return loaders[0] if len(loaders) == 1 else MixtureLoader(list(zip(loaders, weights)), seed)
+
+
+# ---------------------------------------------------------------------------- shards and their tokenizer
+
+def document_frame(tok) -> tuple[list[int], int]:
+    """(ids before each document, id after it) in token shards. Every document ends with the tokenizer's EOS
+    (the boundary the shard writer and document counts use: text never encodes to a special id). ember's own
+    tokenizer writes nothing before (the previous document's <|eos|> marks the start, as ember always trained).
+    Another model's tokenizer puts its BOS first when it adds one to every input, as its own pretraining did:
+    Llama 2/3, Mistral, llama2.c (`BOS doc EOS`, torchtitan's Llama rule); GPT-2-style vocabularies without
+    BOS (SmolLM, Qwen) get `doc EOS` (their <|endoftext|> separator)."""
+    if tok.eos_id is None:
+        raise UserError(f"tokenizer {tok.path or tok.kind}: it names no EOS token, which separates documents in "
+                        f"token shards; pass a tokenizer whose config names its eos_token")
+    return ([tok.bos_id] if tok.kind != "ember" and tok.add_bos else []), tok.eos_id
+
+
+def vocab_sha256(tok) -> str:
+    """sha256 of what the ids mean (every id's token string, and the BOS/EOS ids): equal for two files of one
+    vocabulary (a model's GGUF and its tokenizer.json), unlike the file hash."""
+    import hashlib
+
+    h = hashlib.sha256(f"{tok.bos_id},{tok.eos_id}\n".encode())
+    for i in range(tok.vocab_size):
+        h.update((tok.id_to_token(i) or "").encode("utf-8", "replace") + b"\0")
+    return h.hexdigest()
+
+
+def check_tokenizer(folder: str | Path, tok, model: str) -> None:
+    """Refuse token shards made by another tokenizer than `model`'s own (`tok`): the same ids would mean other
+    text. Shards whose meta.json records no tokenizer hash are not checked."""
+    meta = artifacts.read_json(tokens_folder(folder) / "meta.json")
+    want = meta.get("tokenizer_sha256")
+    if not want or want == tok.sha256 or meta.get("tokenizer_vocab_sha256") == vocab_sha256(tok):
+        return
+    raise UserError(f"{folder}: these tokens were made by the tokenizer {meta.get('tokenizer', '?')} (sha256 "
+                    f"{want[:12]}), not by the tokenizer of {model} ({tok.path or tok.kind}, sha256 "
+                    f"{tok.sha256[:12]}), so their ids mean other text to this model; re-tokenize with `ember tokenize "
+                    f"--tokenizer={tok.path or model}`")
 
 
 def same_tokenizer(loaders: list[TokenLoader]) -> None:

@@ -2,10 +2,13 @@
 
     ember tokenize                                   # <run>/curate (or <run>/corpus with no curate), <run>/tokenizer
     ember tokenize --workers=8 --val_fraction=0.01
+    ember tokenize --tokenizer=SmolLM2-135M-Instruct.Q4_1.gguf   # continued pretraining of an open model
 
-A shard is a raw little-endian array of uint16 token ids (uint32 when the vocabulary exceeds 65536), no
-header, as in nanoGPT: `np.memmap(path, dtype, mode="r")` reads it. Each document is followed by <|eos|>;
-text never encodes to <|eos|> (see tokenizer/special.py), so its positions are the document boundaries.
+--tokenizer takes ember's tokenizer, an HF model folder or tokenizer.json, a .gguf file (its metadata) or a
+llama2.c tok*.bin. A shard is a raw little-endian array of uint16 token ids (uint32 when the vocabulary
+exceeds 65536), no header, as in nanoGPT: `np.memmap(path, dtype, mode="r")` reads it. Each document is
+followed by the tokenizer's EOS (and preceded by its BOS when the model adds one: loader.document_frame);
+text never encodes to a special id (see tokenizer/special.py), so EOS positions are the document boundaries.
 Encoding runs in tiktoken's BPE engine when the tokenizer can be mirrored there with the same ids
 (checked on a sample first; several times faster than `tokenizers`), else in `tokenizers`.
 A document goes to val when the hash of its id falls below val_fraction: deterministic, independent of
@@ -31,7 +34,8 @@ from ember.common.config import require
 from ember.common.errors import UserError
 from ember.common.log import Progress, print0
 from ember.data.documents import read_shards
-from ember.tokenizer.special import EOS, load_tokenizer, sha256_file
+from ember.data.loader import document_frame, vocab_sha256
+from ember.tokenizer.special import load_tokenizer
 
 CHUNK_BYTES = 1 << 20  # text per task given to a thread: amortizes per-task overhead, keeps memory bounded
 CHECK_BYTES = 128 << 10  # text encoded by both engines before tiktoken is trusted with the rest
@@ -41,7 +45,7 @@ CHECK_BYTES = 128 << 10  # text encoded by both engines before tiktoken is trust
 class Config:
     run: str = "runs/default"  # run folder; this stage writes <run>/tokenize/
     docs: str = ""  # document shards; empty = <run>/curate, or <run>/corpus if the run has no curate stage
-    tokenizer: str = ""  # tokenizer.json (or its folder); empty = <run>/tokenizer/tokenizer.json
+    tokenizer: str = ""  # tokenizer.json or its folder (an HF model's), a .gguf, a tok*.bin; empty = <run>/tokenizer
     val_fraction: float = 0.05  # share of documents (by id hash) in the val split; keep equal to the tokenizer's
     workers: int = 0  # encoding threads (the engines release the GIL); 0 = one per core
     engine: Literal["auto", "tiktoken", "tokenizers"] = "auto"  # BPE engine; auto = tiktoken when it gives the same ids
@@ -87,11 +91,13 @@ def token_dtype(vocab_size: int):
 
 # ---------------------------------------------------------------------------- encoding
 
-def flatten(ids: list[list[int]], eos_id: int, dtype) -> np.ndarray:
-    """Encoded documents -> one flat array: doc0 <|eos|> doc1 <|eos|> ..."""
-    out = np.empty(sum(len(x) for x in ids) + len(ids), dtype=dtype)
+def flatten(ids: list[list[int]], eos_id: int, dtype, prefix: list[int] = ()) -> np.ndarray:
+    """Encoded documents -> one flat array: [prefix] doc0 EOS [prefix] doc1 EOS ... (prefix: BOS or nothing)"""
+    out = np.empty(sum(len(x) for x in ids) + len(ids) * (len(prefix) + 1), dtype=dtype)
     o = 0
     for x in ids:
+        out[o:o + len(prefix)] = prefix
+        o += len(prefix)
         out[o:o + len(x)] = x
         o += len(x)
         out[o] = eos_id
@@ -146,10 +152,11 @@ def encode_chunks(items: Iterator[tuple[str, list[str]]], tok, engine: str, work
     tokenizers' encode_batch), so threads use every core without a process start or pickling.
     """
     encode, dtype = batch_encoder(tok, engine), token_dtype(tok.vocab_size)
+    prefix, eos = document_frame(tok)
     with ThreadPoolExecutor(workers) as pool:
         pending: collections.deque = collections.deque()
         for split, texts in items:
-            pending.append((split, texts, pool.submit(lambda t: flatten(encode(t), tok.eos_id, dtype), texts)))
+            pending.append((split, texts, pool.submit(lambda t: flatten(encode(t), eos, dtype, prefix), texts)))
             if len(pending) >= 2 * workers:
                 s, t, f = pending.popleft()
                 yield s, t, f.result()
@@ -200,20 +207,41 @@ class ShardWriter:
         return {"shards": self.shards, **{k: sum(s[k] for s in self.shards) for k in ("tokens", "documents")}}
 
 
+def open_tokenizer(path: Path):
+    """A tokenizer from any file a model ships it in. A .gguf is read for its metadata only (the tensors are
+    mapped, never dequantized), so tokenizing for a GGUF model does not load the model."""
+    if path.suffix != ".gguf":
+        return load_tokenizer(path)
+    from ember.model.gguf import _gguf
+    from ember.tokenizer.core import Tokenizer
+
+    try:
+        fields = _gguf().GGUFReader(str(path)).fields
+    except (ValueError, OSError, KeyError, IndexError) as e:
+        raise UserError(f"{path}: not a readable GGUF file ({e}); copy or download it again") from None
+    tok = Tokenizer.from_gguf({k: f.contents() for k, f in fields.items() if not k.startswith("GGUF.")})
+    if tok is None:
+        raise UserError(f"{path}: this GGUF holds no tokenizer (no tokenizer.ggml.model); pass --tokenizer=<the "
+                        f"model's tokenizer.json or folder>")
+    return tok
+
+
 def main(cfg: Config) -> dict:
     docs_dir = docs_input(cfg.docs, cfg.run)
     tok_path = Path(cfg.tokenizer or Path(cfg.run) / "tokenizer")
-    tok_path = tok_path / "tokenizer.json" if tok_path.is_dir() else tok_path
+    if (tok_path / "tokenizer.json").is_file():  # a folder: hash its tokenizer.json, not an HF model's weights
+        tok_path = tok_path / "tokenizer.json"
     run = artifacts.begin("tokenize", cfg, inputs={"docs": docs_dir, "tokenizer": tok_path})
     if run.cached:
         return run.metrics
-    tok = load_tokenizer(tok_path)
+    tok = open_tokenizer(tok_path)
+    prefix, eos = document_frame(tok)
     dtype = token_dtype(tok.vocab_size)
     out = run.dir / "tokens"
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.bin"):  # a resumed (unfinished) folder may hold shards of an interrupted run
         old.unlink()
-    writers = {s: ShardWriter(out, s, dtype, cfg.shard_tokens, tok.eos_id) for s in ("train", "val")}
+    writers = {s: ShardWriter(out, s, dtype, cfg.shard_tokens, eos) for s in ("train", "val")}
     n_bytes = {"train": 0, "val": 0}
     workers = cfg.workers or os.cpu_count() or 1
 
@@ -244,9 +272,13 @@ def main(cfg: Config) -> dict:
                         f"({splits['train']['documents']} documents, val_fraction={cfg.val_fraction}); "
                         f"raise val_fraction or add documents")
     meta = {
-        "dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "bos_id": tok.bos_id,
-        "tokenizer": str(tok_path), "tokenizer_sha256": sha256_file(tok_path),
-        "doc_boundaries": f"every document ends with eos_id ({EOS}); text never encodes to it",
+        "dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size, "eos_id": eos, "bos_id": tok.bos_id,
+        "bos_per_document": bool(prefix),
+        # the model's tokenizer is checked against these before training on the shards (loader.check_tokenizer)
+        "tokenizer": str(tok_path), "tokenizer_sha256": tok.sha256, "tokenizer_vocab_sha256": vocab_sha256(tok),
+        "doc_boundaries": f"every document ends with eos_id ({tok.id_to_token(eos)})"
+                          + (f" and starts with bos_id ({tok.id_to_token(tok.bos_id)})" if prefix else "")
+                          + "; text never encodes to either",
         "val_fraction": cfg.val_fraction, "splits": splits,
     }
     artifacts.write_json(out / "meta.json", meta)
@@ -257,7 +289,8 @@ def main(cfg: Config) -> dict:
         "bytes": total_bytes, "dtype": meta["dtype"], "engine": engine, "workers": workers,
         "seconds": round(seconds, 2),
         "mb_per_s": round(total_bytes / 1e6 / max(seconds, 1e-9), 2),
-        "bytes_per_token": round(total_bytes / max(total_tokens - sum(splits[s]["documents"] for s in splits), 1), 4),
+        "bytes_per_token": round(total_bytes / max(total_tokens - (1 + len(prefix)) * sum(splits[s]["documents"]
+                                                                                  for s in splits), 1), 4),
     }
     print0(f"[tokenize] {metrics['train_tokens']:,} train + {metrics['val_tokens']:,} val tokens "
            f"({metrics['train_documents']} + {metrics['val_documents']} docs, {meta['dtype']}) in {seconds:.1f}s "
