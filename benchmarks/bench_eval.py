@@ -60,7 +60,7 @@ def main() -> None:
         torch.manual_seed(0)
         cfg = GPTConfig.from_depth(args.depth, tok.vocab_size, max_seq_len=256)
         model = build_model(cfg, "cpu").eval()
-        export_hf(model, tmp / "hf", tmp / "tok" / "tokenizer.json")
+        export_hf(model, tmp / "hf", tokenizer_json=tmp / "tok" / "tokenizer.json")
 
         ember = gpt_lm(model, tok, batch_size=args.batch_size, add_bos=False)
         hf = HFLM(pretrained=str(tmp / "hf"), device="cpu", batch_size=args.batch_size, dtype="float32",

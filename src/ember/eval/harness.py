@@ -76,6 +76,8 @@ class Config:
         require(self.num_fewshot >= -1, "num_fewshot", self.num_fewshot, "an int >= 0, or -1 for task defaults")
         require(self.batch_size >= 1, "batch_size", self.batch_size, "an int >= 1")
         require(self.dtype in ("float32", "bfloat16", "float16"), "dtype", self.dtype, "float32, bfloat16 or float16")
+        require(self.add_bos in ("auto", "true", "false"), "add_bos", self.add_bos,
+                "auto (the tokenizer's own rule), true or false")
         require(self.n_samples >= 1, "n_samples", self.n_samples, "an int >= 1")
         require(all(1 <= k <= self.n_samples for k in self.pass_k), "pass_k", self.pass_k,
                 f"ints in [1, n_samples = {self.n_samples}]")
