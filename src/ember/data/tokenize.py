@@ -278,7 +278,7 @@ def main(cfg: Config) -> dict:
         "tokenizer": str(tok_path), "tokenizer_sha256": tok.sha256, "tokenizer_vocab_sha256": vocab_sha256(tok),
         "doc_boundaries": f"every document ends with eos_id ({tok.id_to_token(eos)})"
                           + (f" and starts with bos_id ({tok.id_to_token(tok.bos_id)})" if prefix else "")
-                          + "; text never encodes to either",
+                          + "; text never encodes to a special id",
         "val_fraction": cfg.val_fraction, "splits": splits,
     }
     artifacts.write_json(out / "meta.json", meta)
