@@ -82,3 +82,34 @@ def test_hf_export_keeps_the_chat_template_and_a_gguf_tokenizer(run_dir, tmp_pat
     main(Config(run=str(tmp_path / "gguf_run"), checkpoint=str(gguf), format="hf"))
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "gguf_run" / "export" / "hf")
     assert hf_tok("hello world", add_special_tokens=False)["input_ids"] == tok.encode("hello world")
+
+
+def test_raw_prompt_gives_the_same_greedy_text_in_serve_transformers_and_llama_cpp(run_dir):
+    """An exported ember model answers a raw prompt alike everywhere: ember's server path (BOS + the prompt with
+    special-token strings parsed), plain transformers (`tokenizer(prompt)` then `generate`: the exported
+    tokenizer adds BOS as ember does) and llama.cpp on the GGUF (add_bos_token in its metadata)."""
+    transformers = pytest.importorskip("transformers")
+    from ember.serve.models import load_served
+
+    run, model, tok = run_dir
+    main(Config(run=str(run), format="both"))
+    prompt = "hello world, def"
+    served = load_served(run / "pretrain" / "final", run=str(run))
+    ids = served.encode_prompt(prompt)
+    assert ids[0] == tok.bos_id
+    ours = Engine(served.model, served.tokenizer).generate([ids], SamplingParams(max_tokens=12, temperature=0,
+                                                                                 ignore_eos=True))[0]
+    hf_dir = run / "export" / "hf"
+    hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    x = hf_tok(prompt, return_tensors="pt")["input_ids"]
+    assert x[0].tolist() == ids  # the same prompt: BOS included
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    out = hf.generate(x, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=tok.pad_id)
+    assert out[0, len(ids):].tolist() == ours.tokens
+    assert hf_tok.decode(out[0, len(ids):]) == ours.text
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (built by .ci/run) is not installed")
+    llm = llama_cpp.Llama(model_path=str(run / "export" / "model.gguf"), n_ctx=64, n_threads=1, verbose=False)
+    assert llm.tokenize(prompt.encode(), add_bos=True, special=True) == ids
+    # token by token (the random model writes stray bytes, whose text llama.cpp holds back as incomplete UTF-8)
+    theirs = [t for _, t in zip(range(12), llm.generate(ids, top_k=1, temp=0.0, reset=True))]
+    assert theirs == ours.tokens
