@@ -213,3 +213,17 @@ def test_a_tokenizer_without_eos_is_a_user_error(small_docs, tmp_path):
         tokenize.main(tokenize.Config(run=str(tmp_path / "run"), docs=str(small_docs),
                                       tokenizer=str(tmp_path / "tokenizer.json"), workers=1))
     assert not list((tmp_path / "run" / "tokenize").glob("tokens/*.bin"))
+
+
+def test_document_frame_rule():
+    from types import SimpleNamespace as Tok
+
+    from ember.data.loader import document_frame
+
+    frame = lambda kind, add_bos, bos, eos: document_frame(Tok(kind=kind, add_bos=add_bos, bos_id=bos, eos_id=eos))
+    assert frame("ember", True, 0, 1) == ([], 1)  # ember's data, as always: text <|eos|>
+    assert frame("hf", True, 0, 1) == ([0], 1) and frame("sentencepiece", True, 1, 2) == ([1], 2)  # Llama
+    assert frame("hf", False, 1, 2) == ([], 2)  # SmolLM2: no BOS
+    assert frame("hf", True, 5, 5) == ([], 5)  # GPT-2's <|endoftext|> is both: one between documents
+    with pytest.raises(UserError, match="names no EOS"):
+        document_frame(Tok(kind="hf", add_bos=False, bos_id=None, eos_id=None, path="t.json"))

@@ -214,11 +214,13 @@ def document_frame(tok) -> tuple[list[int], int]:
     tokenizer writes nothing before (the previous document's <|eos|> marks the start, as ember always trained).
     Another model's tokenizer puts its BOS first when it adds one to every input, as its own pretraining did:
     Llama 2/3, Mistral, llama2.c (`BOS doc EOS`, torchtitan's Llama rule); GPT-2-style vocabularies without
-    BOS (SmolLM, Qwen) get `doc EOS` (their <|endoftext|> separator)."""
+    BOS (SmolLM, Qwen) get `doc EOS` (their <|endoftext|> separator), as do those whose BOS is their EOS
+    (GPT-2's <|endoftext|>: the previous document's EOS already opens the next)."""
     if tok.eos_id is None:
         raise UserError(f"tokenizer {tok.path or tok.kind}: it names no EOS token, which separates documents in "
                         f"token shards; pass a tokenizer whose config names its eos_token")
-    return ([tok.bos_id] if tok.kind != "ember" and tok.add_bos else []), tok.eos_id
+    bos = tok.kind != "ember" and tok.add_bos and tok.bos_id != tok.eos_id
+    return ([tok.bos_id] if bos else []), tok.eos_id
 
 
 def vocab_sha256(tok) -> str:
