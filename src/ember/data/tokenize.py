@@ -35,7 +35,7 @@ from ember.common.errors import UserError
 from ember.common.log import Progress, print0
 from ember.data.documents import read_shards
 from ember.data.loader import document_frame, vocab_sha256
-from ember.tokenizer.special import load_tokenizer
+from ember.model.load import load_tokenizer_any
 
 CHUNK_BYTES = 1 << 20  # text per task given to a thread: amortizes per-task overhead, keeps memory bounded
 CHECK_BYTES = 128 << 10  # text encoded by both engines before tiktoken is trusted with the rest
@@ -207,25 +207,6 @@ class ShardWriter:
         return {"shards": self.shards, **{k: sum(s[k] for s in self.shards) for k in ("tokens", "documents")}}
 
 
-def open_tokenizer(path: Path):
-    """A tokenizer from any file a model ships it in. A .gguf is read for its metadata only (the tensors are
-    mapped, never dequantized), so tokenizing for a GGUF model does not load the model."""
-    if path.suffix != ".gguf":
-        return load_tokenizer(path)
-    from ember.model.gguf import _gguf
-    from ember.tokenizer.core import Tokenizer
-
-    try:
-        fields = _gguf().GGUFReader(str(path)).fields
-    except (ValueError, OSError, KeyError, IndexError) as e:
-        raise UserError(f"{path}: not a readable GGUF file ({e}); copy or download it again") from None
-    tok = Tokenizer.from_gguf({k: f.contents() for k, f in fields.items() if not k.startswith("GGUF.")})
-    if tok is None:
-        raise UserError(f"{path}: this GGUF holds no tokenizer (no tokenizer.ggml.model); pass --tokenizer=<the "
-                        f"model's tokenizer.json or folder>")
-    return tok
-
-
 def main(cfg: Config) -> dict:
     docs_dir = docs_input(cfg.docs, cfg.run)
     tok_path = Path(cfg.tokenizer or Path(cfg.run) / "tokenizer")
@@ -234,7 +215,7 @@ def main(cfg: Config) -> dict:
     run = artifacts.begin("tokenize", cfg, inputs={"docs": docs_dir, "tokenizer": tok_path})
     if run.cached:
         return run.metrics
-    tok = open_tokenizer(tok_path)
+    tok = load_tokenizer_any(tok_path)
     prefix, eos = document_frame(tok)
     dtype = token_dtype(tok.vocab_size)
     out = run.dir / "tokens"

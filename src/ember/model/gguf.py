@@ -151,12 +151,9 @@ def _write_tokenizer(w, gguf, tok, vocab_size: int) -> None:
 
 # ---------------------------------------------------------------------------- import
 
-def read_gguf(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
-    """(metadata key -> value, tensor name -> fp32 numpy array in (out, in) layout); quantized tensors
-    (F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K, ...) are dequantized by the gguf package."""
+def _open(path: str | Path):
+    """(GGUFReader, metadata key -> value): the tensors are only mapped, nothing is read or dequantized yet."""
     gguf = _gguf()
-    from gguf.quants import dequantize
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no GGUF file at {path}")
@@ -165,7 +162,21 @@ def read_gguf(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     except (ValueError, OSError, KeyError, IndexError) as e:
         raise UserError(f"{path}: not a readable GGUF file ({e}): truncated (an interrupted download or copy?) or "
                         f"not GGUF. Download or copy it again.") from None
-    meta = {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
+    return r, {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
+
+
+def read_gguf_tokenizer(path: str | Path):
+    """The tokenizer in a GGUF's metadata, without reading its tensors (seconds, not a dequantized model);
+    None when the file carries none."""
+    return gguf_tokenizer(_open(path)[1])
+
+
+def read_gguf(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """(metadata key -> value, tensor name -> fp32 numpy array in (out, in) layout); quantized tensors
+    (F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K, ...) are dequantized by the gguf package."""
+    from gguf.quants import dequantize
+
+    r, meta = _open(path)
     tensors = {}
     for t in r.tensors:
         shape = [int(x) for x in reversed(t.shape)]  # GGUF lists dims innermost first

@@ -68,22 +68,35 @@ def load(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtyp
     fmt = detect_format(path)
     model, tok = _load(path, fmt, device, dtype)
     if tokenizer:
-        from ember.tokenizer.special import load_tokenizer
-
-        tok = load_tokenizer(tokenizer)
+        tok = load_tokenizer_any(tokenizer)
     elif tok is None:
         found = find_tokenizer(path, run, model.config.vocab_size)
         if found is None:
             raise UserError(f"no tokenizer found for {path}: pass --tokenizer=PATH (a tokenizer.json or the folder "
                             f"holding it); looked beside the model and in <run>/tokenizer/")
-        from ember.tokenizer.special import load_tokenizer
-
-        tok = load_tokenizer(found) if found.suffix != ".bin" else load_tokenizer(found, model.config.vocab_size)
+        tok = load_tokenizer_any(found, model.config.vocab_size if found.suffix == ".bin" else None)
     if tok.vocab_size > model.config.vocab_size:
         raise UserError(f"the tokenizer {getattr(tok, 'path', None) or ''} has {tok.vocab_size} tokens but the model "
                         f"{path} only {model.config.vocab_size}: they do not belong together; pass the model's own "
                         f"--tokenizer")
     return model.eval(), tok
+
+
+def load_tokenizer_any(path: str | Path, vocab_size: int | None = None):
+    """A tokenizer from any file a model ships it in: tokenizer.json or its folder (ember's, an HF model's),
+    llama2.c's tok*.bin, or a .gguf (its metadata only: the tensors are not read)."""
+    path = Path(path)
+    if path.suffix == ".gguf":
+        from ember.model.gguf import read_gguf_tokenizer
+
+        tok = read_gguf_tokenizer(path)
+        if tok is None:
+            raise UserError(f"{path}: this GGUF holds no tokenizer (no tokenizer.ggml.model); pass the model's "
+                            f"tokenizer.json or the folder holding it")
+        return tok
+    from ember.tokenizer.special import load_tokenizer
+
+    return load_tokenizer(path, vocab_size)
 
 
 def _load(path: Path, fmt: str, device, dtype):
