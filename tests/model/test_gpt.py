@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ember.common.errors import UserError
+from ember.model import loss as loss_module
 from ember.model.gpt import (GPT, Attention, GPTConfig, MoE, apply_rope, build_model, doc_positions, moe_losses,
                              rope_cos_sin, token_logprobs)
 
@@ -290,9 +291,8 @@ def test_fused_head_loss_equals_the_logits_path(monkeypatch, kw, chunk_rows):
     """The loss fuses the head into cross-entropy and computes its gradients in forward; loss and every
     parameter's gradient equal autograd through the full logits, also when rows go through in chunks
     (chunk_rows: 16 rows = 5 + 5 + 5 + 1, 7 + 7 + 2)."""
-    import ember.model.gpt as gpt
     if chunk_rows:
-        monkeypatch.setattr(gpt, "LOSS_CHUNK_BYTES", chunk_rows * 4 * TINY["vocab_size"])
+        monkeypatch.setattr(loss_module, "LOSS_CHUNK_BYTES", chunk_rows * 4 * TINY["vocab_size"])
     model = tiny(**kw).train()
     idx = torch.randint(0, 128, (2, 8))
     targets = torch.randint(0, 128, (2, 8))

@@ -133,7 +133,7 @@ def token_logps(model: nn.Module, batch: SeqBatch, return_entropy: bool = False,
     """log pi(token) for every target of the batch (B, L-1), 0 off the response mask; with entropy (B, L-1).
     temperature: that of the sampling, so PPO/GRPO ratios and KL are of the distribution the replies came
     from (as TRL; a top_k filter is not applied here, as in TRL)."""
-    from ember.model.gpt import token_logprobs
+    from ember.model.loss import token_logprobs
 
     logits = model(batch.ids[:, :-1])  # (B, L-1, V)
     if temperature != 1.0:
