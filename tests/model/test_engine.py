@@ -10,52 +10,6 @@ from ember.common.errors import UserError
 from ember.model.engine import (BatchParams, Engine, QueueFull, SamplingParams, apply_penalties, filter_logits, generate,
                                 holdback, sample)
 from ember.model.gpt import GPTConfig, build_model
-from ember.tokenizer.special import load_tokenizer
-from ember.model.llama2c import load_llama2c, stories260k_paths
-
-
-class CharTokenizer:
-    """ids 0 (BOS) and 1 (EOS), then one id per character of ALPHABET."""
-
-    ALPHABET = "abcdefghijklmnopqrstuvwxyz .,!?\n"
-    bos_id, eos_id = 0, 1
-    vocab_size = 2 + len(ALPHABET)
-    stop_ids = (1,)
-
-    def encode(self, text: str) -> list[int]:
-        return [2 + self.ALPHABET.index(c) for c in text.lower() if c in self.ALPHABET]
-
-    def encode_prompt(self, text: str) -> list[int]:
-        return [self.bos_id] + self.encode(text)
-
-    def decode(self, ids) -> str:
-        return "".join(self.ALPHABET[i - 2] for i in ids if i >= 2)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    """(model, tokenizer): a random 2-layer GQA model, deterministic weights."""
-    torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=CharTokenizer.vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, max_seq_len=128)
-    model = build_model(cfg, "cpu").eval()
-    with torch.no_grad():  # larger logits than init's N(0, 0.02) so sampling is far from uniform
-        model.lm_head.weight.mul_(50)
-    return model, CharTokenizer()
-
-
-@pytest.fixture(scope="module")
-def stories():
-    """(model, tokenizer) of the real pretrained stories260K (llama2.c), or skip."""
-    paths = stories260k_paths()
-    if paths is None:
-        pytest.skip("../shared/datasets/models/stories260K is absent (see INVENTORY.md)")
-    model = load_llama2c(paths[0])
-    return model, load_tokenizer(paths[1], model.config.vocab_size)
-
-
-@pytest.fixture(params=["tiny", "stories"])
-def any_model(request):
-    return request.getfixturevalue(request.param)
 
 
 def full_forward_greedy(model, prompt, n):
