@@ -6,7 +6,8 @@
 The model is an ember GPT (GPTConfig.from_depth, random init, seed 0) exported with model/hf.py's export_hf
 and loaded by lm_eval's HFLM (transformers' LlamaForCausalLM); the tokenizer is a byte-level BPE trained
 with ember's tokenizer trainer on the benchmark text. Both sides score the same (context, " " + ending)
-pairs of the real HellaSwag validation file (0-shot, no BOS, as HFLM does by default), batch size and
+pairs of the real HellaSwag validation file (0-shot; BOS by the tokenizer's rule on both sides: ember's add_bos=auto,
+HFLM's default; an ember tokenizer adds BOS and export_hf keeps that rule), batch size and
 thread count equal; each side runs once to warm up, then --rounds timed runs alternate between the sides
 and the best (minimum) is reported, since load from other processes only ever adds time. The table also
 reports how far apart their log-likelihoods are and whether the predicted answers agree.
@@ -62,7 +63,7 @@ def main() -> None:
         model = build_model(cfg, "cpu").eval()
         export_hf(model, tmp / "hf", tokenizer_json=tmp / "tok" / "tokenizer.json")
 
-        ember = gpt_lm(model, tok, batch_size=args.batch_size, add_bos=False)
+        ember = gpt_lm(model, tok, batch_size=args.batch_size)  # add_bos: the tokenizer's rule, as HFLM
         hf = HFLM(pretrained=str(tmp / "hf"), device="cpu", batch_size=args.batch_size, dtype="float32",
                   max_length=cfg.max_seq_len)
         reqs = [Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)]
