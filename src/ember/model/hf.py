@@ -325,7 +325,11 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     refused, so loading runs no code), mmap (tensors are read from the file as they are used)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:
+    except pickle.UnpicklingError:  # torch's own text here advises turning weights_only off: never pass it on
+        raise UserError(f"{path}: not a loadable weights-only PyTorch state dict: it holds pickled Python objects "
+                        f"beyond tensors, which ember will not execute (unpickling them can run any code). Re-save "
+                        f"the model as safetensors with save_pretrained(safe_serialization=True).") from None
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:
         raise UserError(f"{path}: not a loadable weights-only PyTorch state dict ({str(e).splitlines()[0][:200]}): "
                         f"truncated, a legacy (pre-1.6) file, or it pickles code. Re-save it with "
                         f"save_pretrained(safe_serialization=True).") from None
