@@ -23,7 +23,8 @@ from ember.tokenizer.chat import CHAT_TEMPLATE
 from ember.tokenizer.special import (BOS, END, EOS, PAD, ROLE_TOKENS, SPECIAL_TOKENS, SPLIT_PATTERN, byte_decoder,
                                      sha256_file)
 from ember.tokenizer.template import (CHATML_TEMPLATE, PLAIN_TEMPLATE, _TemplateError, assistant_spans, chat_pieces,
-                                      end_token, render_text, specials_regex, validate_messages)
+                                      end_token, locate_contents, render_text, reply_spans, specials_regex,
+                                      validate_messages)
 
 
 class Tokenizer:
@@ -174,9 +175,11 @@ class Tokenizer:
         validate_messages(messages, where, self.roles)
         render = self._user_render(where, kwargs)
         rendered = render(messages, add_generation_prompt)
-        spans = assistant_spans(render, rendered, messages, self.end_token)
+        places = locate_contents(render, messages, add_generation_prompt, rendered)
+        spans = reply_spans(rendered, places, messages, self.end_token) if places is not None else \
+            assistant_spans(render, rendered, messages, self.end_token)  # a template that rewrites contents
         ids, starts = [], []
-        for a, b, protected in chat_pieces(rendered, messages, self._specials_re, where):
+        for a, b, protected in chat_pieces(rendered, places, messages, self._specials_re, where):
             start = not ids or ids[-1] in self._special_ids  # a fresh start (SentencePiece's dummy prefix)
             seg, offs = self.backend.encode_offsets(rendered[a:b], special=not protected, start=start)
             ids += seg
@@ -301,6 +304,10 @@ def load_tokenizer(path: str | Path, vocab_size: int | None = None) -> Tokenizer
 
 def _config(path: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: not valid JSON ({e}); fix or delete the file") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: holds a JSON {type(data).__name__}, not an object of settings; fix or delete the "
+                        f"file")
+    return data

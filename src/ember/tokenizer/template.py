@@ -2,10 +2,11 @@
 
 `render_text` builds the same sandboxed environment as transformers' `apply_chat_template` (trim_blocks,
 lstrip_blocks, loopcontrols, its `tojson`, `raise_exception`, `strftime_now`), so the string is identical.
-`render_ids` encodes that string with the template's own text parsed for special tokens while a message
-content that holds a special-token string is encoded as plain text (it cannot close a turn), and marks as
-trained each assistant reply + the end-of-turn token closing it, found by rendering the chat with and without
-that reply (any template; no role tokens assumed).
+Where each message's content lies in the rendered string is found by rendering the chat once more with
+sentinels in place of the contents (`locate_contents`); a content holding a special-token string is then
+encoded as plain text (it cannot close a turn) and the rest with specials parsed, and each assistant reply +
+the end-of-turn token closing it is marked as trained (any template; no role tokens assumed). A template that
+transforms contents beyond stripping falls back to rendering each prefix of the chat (`assistant_spans`).
 """
 
 from __future__ import annotations
@@ -143,30 +144,55 @@ def end_token(render, specials: dict, where: str) -> str | None:
     return None
 
 
-def chat_pieces(rendered: str, messages: list[dict], specials_re: re.Pattern, where: str):
-    """[(start, end, protected)] covering `rendered`: protected pieces are message contents that hold (or
-    touch) a special-token string and must be encoded as plain text; the rest is encoded with specials parsed.
+_SENTINEL = re.compile("\ue000(\\d+)\ue001")  # private-use characters: no template or tokenizer gives them meaning
 
-    Contents are found in order; a content the template changed (e.g. `| trim`) and cannot be found is fine
-    when it holds no special-token string (nothing to protect), else a UserError (it could inject one).
-    """
+
+def locate_contents(render, messages: list[dict], add_generation_prompt: bool, rendered: str):
+    """[(message index, start, end)] of every place `rendered` holds a message's content, or None when the
+    template transforms contents in a way this cannot follow.
+
+    The chat is rendered once more with each content replaced by a sentinel; the text between sentinels is the
+    template's own. Substituting the contents back (or their stripped form, for templates that `| trim`) must
+    give `rendered` exactly, so positions are known, never guessed by searching (a short reply such as "start"
+    or "a" also occurs inside the template's `<|im_start|>` or `<|assistant|>`)."""
+    marked = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
+    try:
+        skeleton = render(marked, add_generation_prompt)
+    except UserError:  # the template reads the contents (e.g. splits a reasoning block): not followable
+        return None
+    parts = _SENTINEL.split(skeleton)  # template text, index, template text, index, ..., template text
+    for form in (lambda c: c, str.strip):
+        out, places, pos = [], [], 0
+        for k, part in enumerate(parts):
+            if k % 2:
+                i = int(part)
+                if i >= len(messages):
+                    return None
+                content = form(messages[i]["content"])
+                places.append((i, pos, pos + len(content)))
+                part = content
+            out.append(part)
+            pos += len(part)
+        if "".join(out) == rendered:
+            return places
+    return None
+
+
+def chat_pieces(rendered: str, places, messages: list[dict], specials_re: re.Pattern, where: str):
+    """[(start, end, protected)] covering `rendered`: protected pieces are message contents that hold (or
+    touch) a special-token string, encoded as plain text; the rest is encoded in one pass with specials parsed
+    (so the ids are transformers' wherever no content holds a special string). Without known content places,
+    a conversation whose content holds a special-token string is refused: it could inject a control token."""
+    if places is None:
+        for i, m in enumerate(messages):
+            hit = specials_re.search(m["content"])
+            if hit:
+                raise UserError(f"{where}: message {i} contains the special-token string {hit.group(0)!r} and the "
+                                f"chat template transforms message contents, so it cannot be kept as plain text; "
+                                f"remove it from the message")
+        return [(0, len(rendered), False)]
     hits = [(m.start(), m.end()) for m in specials_re.finditer(rendered)]
-    cuts, cursor = [], 0
-    for i, m in enumerate(messages):
-        content = m["content"]
-        if not content:
-            continue
-        at = rendered.find(content, cursor)
-        if at < 0:
-            if specials_re.search(content):
-                raise UserError(f"{where}: message {i} contains a special-token string and the chat template "
-                                f"changes its content, so it cannot be kept as plain text; remove "
-                                f"{specials_re.search(content).group(0)!r} from the message")
-            continue
-        end = at + len(content)
-        cursor = end
-        if any(s < end and e > at for s, e in hits):  # a special string inside the content or straddling its edge
-            cuts.append((at, end))
+    cuts = sorted((a, b) for _, a, b in places if a < b and any(s < b and e > a for s, e in hits))
     pieces, pos = [], 0
     for a, b in cuts:
         if a > pos:
@@ -176,6 +202,19 @@ def chat_pieces(rendered: str, messages: list[dict], specials_re: re.Pattern, wh
     if pos < len(rendered):
         pieces.append((pos, len(rendered), False))
     return pieces
+
+
+def reply_spans(rendered: str, places, messages: list[dict], end: str | None) -> list[tuple[int, int]]:
+    """Character spans an SFT loss trains on, from known content places: each assistant reply (where the
+    template writes it last) and the end-of-turn token right after it (whitespace between allowed)."""
+    spans = {}
+    for i, a, b in places:
+        if messages[i]["role"] == "assistant":
+            tail = rendered[b:]
+            if end and tail.lstrip().startswith(end):
+                b += len(tail) - len(tail.lstrip()) + len(end)
+            spans[i] = (a, b)
+    return sorted(spans.values())
 
 
 def assistant_spans(render, rendered: str, messages: list[dict], end: str | None) -> list[tuple[int, int]]:
