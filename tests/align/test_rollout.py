@@ -70,3 +70,16 @@ def test_pair_lengths_fit_the_models_context(capsys):
     assert R.fit_context(model, 48, 32, "dpo") == (48, 32)  # fits: unchanged
     assert R.fit_context(model, 96, 64, "dpo") == (64, 43)  # the prompt keeps its 2/3 share
     assert "[dpo] max_len 96 is over the model's context of 64 tokens" in capsys.readouterr().out
+
+
+def test_a_reply_ends_at_any_stop_id_of_the_tokenizer():
+    """Rollouts stop where chat and serve stop: the template's end-of-turn first, then EOS and the extra ids of
+    generation_config (a Qwen/Llama-3 policy that emits EOS has finished its reply)."""
+    import types
+
+    tok = types.SimpleNamespace(end_id=2, eos_id=0, stop_ids=(0, 2, 7), path=None,
+                                decode=lambda ids: " ".join(map(str, ids)))
+    assert R.stop_ids(tok, "chat") == (2, 0, 7) and R.stop_ids(tok, "raw") == (0, 2, 7)
+    assert R.encode_response(types.SimpleNamespace(**vars(tok), encode=lambda t: [5, 6]), "x", "chat") == [5, 6, 2]
+    assert R.decode_response(tok, [5, 6, 0, 9], "chat") == "5 6"  # cut at EOS, not only at <|end|>
+    assert R.decode_response(tok, [5, 7, 2], "chat") == "5"

@@ -336,3 +336,19 @@ def test_greedy_equals_transformers_generate(tmp_path):
             ref = hf.generate(torch.tensor([p]), max_new_tokens=20, min_new_tokens=20, do_sample=False,
                               eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
             assert r.tokens == ref and r.finish_reason == "length"
+
+
+def test_dynamic_rope_row_does_not_take_its_batch_mates_base():
+    """Dynamic NTK scaling sets the RoPE base from the sequence length: in a batched decode each row must use its
+    own length, not the longest row's, or a request's text would depend on who it shares the batch with."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=40, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, max_seq_len=128,
+                    rope_scaling="dynamic", rope_factor=2.0, rope_original_max=16)
+    model = build_model(cfg, "cpu").eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+    short, long = list(range(2, 21)), [3 + i % 30 for i in range(52)]  # 19 and 52 tokens: past orig = 16
+    greedy = SamplingParams(max_tokens=12, temperature=0)
+    alone = Engine(model, n_slots=1).generate([short], greedy)[0].tokens
+    batched = Engine(model, n_slots=2).generate([short, long], greedy)[0].tokens
+    assert batched == alone == full_forward_greedy(model, short, 12)

@@ -379,3 +379,14 @@ def test_truncated_gguf_names_the_file(tmp_path, tokenizer):
     path.write_bytes(path.read_bytes()[:-500])
     with pytest.raises(UserError, match=r"m\.gguf: not a readable GGUF file .*truncated"):
         load_gguf(path)
+
+
+@pytest.mark.parametrize("kw,what", [({"attn_bias": True}, "q/k/v biases"), ({"head_size": 16}, "explicit head size"),
+                                     ({"rope_scaling": "yarn", "rope_factor": 4.0}, "RoPE scaling")])
+def test_gguf_export_refuses_what_it_would_drop(tmp_path, kw, what):
+    """Features the llama GGUF layout does not carry are refused by name, nothing written (the file would run as
+    another model in llama.cpp)."""
+    model = build_model(GPTConfig(vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=32, max_seq_len=32, **kw))
+    with pytest.raises(UserError, match=what):
+        export_gguf(model, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ember.align.data import read_jsonl
-from ember.align.rollout import begin_stage, decode_response, encode_prompt, generate, keep_end, load_lm, prompt_budget, stop_id
+from ember.align.rollout import begin_stage, decode_response, encode_prompt, generate, keep_end, load_lm, prompt_budget, stop_ids
 from ember.common.config import require
 from ember.common.dist import pick_device
 from ember.common.errors import UserError
@@ -114,7 +114,7 @@ class Sampler:
 
     def __call__(self, chats: list[list[dict]]) -> list[str]:
         ids = [keep_end(encode_prompt(self.tok, c, "chat"), self.keep) for c in chats]
-        out = generate(self.model, ids, self.cfg.max_new_tokens, stop_id(self.tok, "chat"), self.cfg.temperature,
+        out = generate(self.model, ids, self.cfg.max_new_tokens, stop_ids(self.tok, "chat"), self.cfg.temperature,
                        self.cfg.top_k, generator=self.gen)
         return [decode_response(self.tok, r, "chat").strip() for r in out]
 

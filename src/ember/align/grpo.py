@@ -22,7 +22,7 @@ import torch
 from ember.align import losses
 from ember.align.data import arithmetic_tasks, data_inputs, exact_match, load_tasks, prompt_key
 from ember.align.rollout import (TEMPLATES, PolicyWithReference, begin_stage, collate, decode_response, encode_prompt,
-                                 generate, keep_end, load_lm, prompt_budget, stop_id, token_logps)
+                                 generate, keep_end, load_lm, prompt_budget, stop_ids, token_logps)
 from ember.common.config import require
 from ember.common.dist import pick_device
 from ember.common.errors import UserError
@@ -110,7 +110,7 @@ def accuracy(model, tok, tasks: list[dict], cfg: Config, device) -> float:
     """Share of tasks whose greedy reply has the exact answer."""
     keep = prompt_budget(model, cfg.max_prompt_len, cfg.max_new_tokens)
     prompts = [keep_end(encode_prompt(tok, t["prompt"], cfg.template), keep) for t in tasks]
-    replies = generate(model, prompts, cfg.max_new_tokens, stop_id(tok, cfg.template), temperature=0.0)
+    replies = generate(model, prompts, cfg.max_new_tokens, stop_ids(tok, cfg.template), temperature=0.0)
     return sum(exact_match(decode_response(tok, r, cfg.template), t["answer"]) for r, t in zip(replies, tasks)) / len(tasks)
 
 
@@ -123,7 +123,7 @@ def main(cfg: Config) -> dict:
     device = pick_device(cfg.device)
     gen = torch.Generator().manual_seed(cfg.seed)
     lm, tok = load_lm(paths["model"], device, cfg)
-    stop = stop_id(tok, cfg.template)
+    stop = stop_ids(tok, cfg.template)
 
     train, val = split_tasks(cfg)
     print0(f"[grpo] {len(train)} train / {len(val)} held-out tasks from {cfg.data}")

@@ -25,7 +25,7 @@ from ember.align import losses
 from ember.align.data import arithmetic_tasks, conversation_key, data_inputs, prompt_key, read_prompts, stdlib_pairs
 from ember.align.reward import last_token_scores, load_scalar_model
 from ember.align.rollout import (TEMPLATES, PolicyWithReference, SeqBatch, begin_stage, collate, encode_prompt, generate,
-                                 keep_end, load_lm, prompt_budget, stop_id, token_logps)
+                                 keep_end, load_lm, prompt_budget, stop_ids, token_logps)
 from ember.common.config import require
 from ember.common.dist import pick_device
 from ember.common.errors import UserError
@@ -138,7 +138,7 @@ def select(batch: SeqBatch, idx: torch.Tensor) -> SeqBatch:
 def rollout(pr, reward_model, tok, prompts: list, cfg: Config, device, generator) -> tuple[SeqBatch, dict]:
     """Sample replies and score them: the batch plus old log-probs, reference log-probs, the reward model's
     raw scores and which replies never stopped."""
-    stop = stop_id(tok, cfg.template)
+    stop = stop_ids(tok, cfg.template)
     keep = prompt_budget(pr.model, cfg.max_prompt_len, cfg.max_new_tokens)
     ids = [keep_end(encode_prompt(tok, p, cfg.template), keep) for p in prompts]
     replies = generate(pr.model, ids, cfg.max_new_tokens, stop, cfg.temperature, cfg.top_k, generator=generator)
@@ -148,7 +148,7 @@ def rollout(pr, reward_model, tok, prompts: list, cfg: Config, device, generator
         old, entropy = token_logps(pr.model, batch, return_entropy=True, temperature=cfg.temperature)
         ref = pr.ref_logps(batch, cfg.temperature)
         scores = last_token_scores(reward_model.eval(), batch).float()
-        unfinished = torch.tensor([stop not in r for r in replies], device=device, dtype=torch.float)
+        unfinished = torch.tensor([not set(stop) & set(r) for r in replies], device=device, dtype=torch.float)
     kl = losses.sequence_logps(old - ref, batch.mask)  # (B,) sampled estimate of KL(pi || ref) per reply
     return batch, {"old": old, "ref": ref, "scores": scores, "unfinished": unfinished, "kl": kl,
                    "entropy": losses.masked_mean(entropy, batch.mask).item()}

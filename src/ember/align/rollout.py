@@ -47,15 +47,21 @@ def stop_id(tok, template: str) -> int:
     return stop
 
 
+def stop_ids(tok, template: str) -> tuple[int, ...]:
+    """Every id that ends a sampled reply: the template's own stop first, then the tokenizer's other stop ids
+    (EOS, generation_config's): a policy that emits any of them has finished, as in chat and serve."""
+    return tuple(dict.fromkeys((stop_id(tok, template), *tok.stop_ids)))
+
+
 def encode_response(tok, text: str, template: str) -> list[int]:
     return tok.encode(text) + [stop_id(tok, template)]
 
 
 def decode_response(tok, ids: list[int], template: str) -> str:
     """Reply text without its stop token (and anything a sampler wrote after it)."""
-    stop = stop_id(tok, template)
-    ids = ids[:ids.index(stop)] if stop in ids else ids
-    return tok.decode(ids)
+    stops = set(stop_ids(tok, template))
+    end = next((i for i, t in enumerate(ids) if t in stops), len(ids))
+    return tok.decode(ids[:end])
 
 
 def keep_end(prompt: list[int], n: int) -> list[int]:
@@ -161,10 +167,11 @@ def prompt_budget(model: nn.Module, max_prompt_len: int, max_new_tokens: int) ->
     return keep
 
 
-def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, stop: int,
+def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, stop: int | tuple[int, ...],
              temperature: float = 1.0, top_k: int = 0, batch_size: int = 64,
              generator: torch.Generator | None = None) -> list[list[int]]:
-    """Sample a reply for each prompt; each ends at its first `stop` token (kept) or after max_new_tokens.
+    """Sample a reply for each prompt; each ends at its first `stop` token (kept; `stop_ids` gives them all) or
+    after max_new_tokens.
 
     Runs on model/engine.py's Engine: prompts of any lengths decode together in one batch of up to
     batch_size KV-cache slots (per-row positions and padding masks), the same sampler the server uses.
@@ -182,7 +189,8 @@ def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, st
     seeds = torch.randint(0, 2 ** 62, (n,), generator=generator, device=generator.device).tolist() \
         if generator is not None else [None] * n
     params = [engine.SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=s) for s in seeds]
-    return [list(r.tokens) for r in engine.generate(model, prompts, params, stop_ids=(stop,), n_slots=batch_size)]
+    return [list(r.tokens) for r in engine.generate(model, prompts, params, stop_ids=(stop,) if isinstance(stop, int) else stop,
+                                                    n_slots=batch_size)]
 
 
 # ---------------------------------------------------------------------------- stage setup, policy and reference

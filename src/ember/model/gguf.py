@@ -61,15 +61,24 @@ def to_gguf_tensors(model: GPT) -> dict[str, np.ndarray]:
 
 # ---------------------------------------------------------------------------- export
 
+def check_exportable(c: GPTConfig) -> None:
+    """GGUF export writes plain llama-architecture files: a feature it would drop (the model would run as another
+    model in llama.cpp) is refused, naming it, before anything is written."""
+    dropped = [name for name, on in (("MoE", c.n_expert), ("QK-norm", c.qk_norm), ("q/k/v biases", c.attn_bias),
+                                     ("an explicit head size", c.head_size), (f"RoPE scaling {c.rope_scaling!r}",
+                                                                               c.rope_scaling)) if on]
+    if dropped:
+        raise UserError(f"GGUF export covers dense Llama-style models without {', '.join(dropped)}: the file would "
+                        f"describe another model. Export it with `ember export --format=hf` instead.")
+
+
 def export_gguf(model: GPT, path: str | Path, tokenizer=None, *, dtype: str = "f32", name: str = "ember") -> Path:
     """Write `model` (+ tokenizer: ember's Tokenizer, a plain HF one, or a Llama2cTokenizer) as one GGUF file,
     atomically.
     dtype: "f32" or "f16" for the matrices (norm gains stay f32, as llama.cpp keeps them)."""
     gguf = _gguf()
     c = model.config
-    if c.n_expert or c.qk_norm:
-        raise UserError("GGUF export covers dense Llama-style models; MoE and QK-norm models are not supported "
-                        "(export them with `ember export --format=hf` instead)")
+    check_exportable(c)
     if dtype not in ("f32", "f16"):
         raise UserError(f"GGUF dtype {dtype!r}: use f32 or f16")
     path = Path(path)
@@ -168,7 +177,7 @@ def _open(path: str | Path):
 def read_gguf_tokenizer(path: str | Path):
     """The tokenizer in a GGUF's metadata, without reading its tensors (seconds, not a dequantized model);
     None when the file carries none."""
-    return gguf_tokenizer(_open(path)[1])
+    return gguf_tokenizer(_open(path)[1], path)
 
 
 def read_gguf(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
@@ -263,12 +272,18 @@ def load_gguf(path: str | Path, device: torch.device | str = "cpu"):
         state[name] = t
     model.to_empty(device=device)
     model.load_state_dict(state)
-    return model.eval(), gguf_tokenizer(meta)
+    return model.eval(), gguf_tokenizer(meta, path)
 
 
-def gguf_tokenizer(meta: dict):
+def gguf_tokenizer(meta: dict, path: str | Path | None = None):
     """The tokenizer stored in GGUF metadata (ember's exact tokenizer.json when present, SentencePiece for
-    model "llama", byte-level BPE for "gpt2", with its chat template and BOS/EOS/EOT), or None if absent."""
+    model "llama", byte-level BPE for "gpt2", with its chat template and BOS/EOS/EOT), or None if absent.
+    path: the GGUF the metadata came from, named in the errors (the tokenizer code sees only the metadata)."""
     from ember.tokenizer.core import Tokenizer
 
-    return Tokenizer.from_gguf(meta)
+    try:
+        return Tokenizer.from_gguf(meta)
+    except UserError as e:
+        if path is None or str(path) in str(e):
+            raise
+        raise UserError(f"{path}: {e}") from None

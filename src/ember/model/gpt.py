@@ -138,7 +138,8 @@ def _cos_sin(positions, inv_freq, mult: float = 1.0):
 
 
 def rope_inv_freq(c: GPTConfig, positions: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies (head_dim/2,) fp32 of c's scaled RoPE, and the multiplier of its cos/sin.
+    """Inverse frequencies (head_dim/2,) fp32 of c's scaled RoPE ((B, 1, head_dim/2) for dynamic: per row), and
+    the multiplier of its cos/sin.
 
     Frequency i turns orig * inv[i] / 2pi times over the original context orig; the scalings slow the ones that
     turn few times, so positions past orig look like ones seen in pretraining. Formulas and fp32 order of
@@ -147,8 +148,10 @@ def rope_inv_freq(c: GPTConfig, positions: torch.Tensor) -> tuple[torch.Tensor, 
     d, s, orig, dev = c.head_dim, c.rope_factor, c.rope_original_max or c.max_seq_len, positions.device
     exps = torch.arange(0, d, 2, dtype=torch.float, device=dev) / d  # 2i/d, (d/2,)
     if c.rope_scaling == "dynamic":  # NTK-aware (bloc97, emozilla 2023): a larger base once T outgrows orig
-        T = (positions.max() + 1).clamp(min=orig)  # this forward's length, a tensor (no host sync), as HF
-        return 1.0 / (c.rope_theta * (s * T / orig - (s - 1)) ** (d / (d - 2))) ** exps, 1.0
+        # each row's own length (B, 1, 1), so a row in a batched decode does not take its batch mates' base;
+        # a tensor, no host sync; for one sequence the same as HF's length of the forward
+        T = (positions.amax(dim=-1, keepdim=True) + 1).clamp(min=orig).float()[..., None]
+        return 1.0 / (c.rope_theta * (s * T / orig - (s - 1)) ** (d / (d - 2))) ** exps, 1.0  # (B, 1, d/2)
     inv = 1.0 / (c.rope_theta ** exps)
     if c.rope_scaling == "linear":  # position interpolation (Chen et al. 2023, arXiv:2306.15595): m -> m / s
         return inv / s, 1.0

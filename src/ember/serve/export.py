@@ -60,6 +60,10 @@ def main(cfg: Config) -> dict:
         return run.metrics
     model, tok = load(ckpt, tokenizer=cfg.tokenizer, run=cfg.run)
     model = model.float()
+    if cfg.format in ("gguf", "both"):
+        from ember.model.gguf import check_exportable
+
+        check_exportable(model.config)  # before the HF folder is written: nothing half-exported
     reference = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     metrics: dict = {"params": model.num_params()}
 
