@@ -85,14 +85,47 @@ def _read_json(path: Path) -> dict:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: not valid JSON ({e}); fix or delete the file") from None
-    return data if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: holds a JSON {type(data).__name__}, not an object of settings; fix or delete the "
+                        f"file")
+    return data
 
 
-def _token_str(v) -> str | None:
+def _token_str(v, where: Path, key: str) -> str | None:
     """tokenizer_config.json writes a token as a string or as an AddedToken dict {"content": ...}."""
-    if isinstance(v, dict):
-        v = v.get("content")
-    return v if isinstance(v, str) else None
+    s = v.get("content") if isinstance(v, dict) else v
+    if v is not None and not isinstance(s, str):
+        raise UserError(f"{where}: {key} is {json.dumps(v)[:80]}; it must be the token's text (a string), an AddedToken object "
+                        f"{{\"content\": \"...\"}} or null. Fix or delete the entry")
+    return s
+
+
+def _chat_template(v, where: Path) -> str | None:
+    """tokenizer_config.json's chat_template: one Jinja string, or [{"name": ..., "template": ...}, ...] of which
+    "default" is the chat template (transformers' multi-template form); None when it names none."""
+    must = ('must be a Jinja string or a list of {"name": ..., "template": "<Jinja string>"} objects, one named '
+            '"default"')
+    if v is None or isinstance(v, str):
+        return v
+    if isinstance(v, list) and all(isinstance(t, dict) and isinstance(t.get("name"), str)
+                                   and isinstance(t.get("template"), str) for t in v):
+        default = [t["template"] for t in v if t["name"] == "default"]
+        if default:
+            return default[0]
+        raise UserError(f"{where}: chat_template lists {[t['name'] for t in v]} but no \"default\" one; a "
+                        f"chat_template {must}. Fix the entry")
+    raise UserError(f"{where}: chat_template is {json.dumps(v)[:80]}; a chat_template {must}. Fix or delete the entry")
+
+
+def _stop_ids(v, where: Path, vocab_size: int) -> tuple[int, ...]:
+    """generation_config.json's eos_token_id: one token id or a list of them, each in [0, vocab_size)."""
+    ids = v if isinstance(v, list) else [v]
+    bad = [i for i in ids if type(i) is not int or not 0 <= i < vocab_size]  # bool is not an id (json true)
+    if bad:
+        what = f"holds {json.dumps(bad[0])[:40]}" if isinstance(v, list) else "is not a token id"
+        raise UserError(f"{where}: eos_token_id {json.dumps(v)[:80]} {what}; it must be a token id (an integer in "
+                        f"[0, {vocab_size})) or a list of them. Fix or delete the entry")
+    return tuple(ids)
 
 
 # Llama-2/Mistral, GPT-2/SmolLM/Qwen, Llama-3, Gemma, ember-style names; the first that is a special token wins
@@ -103,20 +136,30 @@ def folder_settings(path: Path, hf) -> dict:
     """What transformers reads beside a tokenizer.json: special token strings, add_bos, chat template,
     generation_config's eos ids; keys absent when the files do not say."""
     folder = path.parent
-    cfg = {**_read_json(folder / "special_tokens_map.json"), **_read_json(folder / "tokenizer_config.json")}
+    files = [folder / "special_tokens_map.json", folder / "tokenizer_config.json"]  # the later one wins
+    cfg, source = {}, {}  # setting -> value, setting -> the file that gave it
+    for f in files:
+        data = _read_json(f)
+        cfg.update(data)
+        source.update(dict.fromkeys(data, f))
     out: dict = {}
     for key in ("bos", "eos", "pad", "unk"):
-        s = _token_str(cfg.get(f"{key}_token"))
+        name = f"{key}_token"
+        s = _token_str(cfg.get(name), source.get(name), name)
+        if s is not None and hf.token_to_id(s) is None:  # dropping it would leave e.g. a template's bos undefined
+            raise UserError(f"{source[name]}: {name} {s!r} is not a token of {path} (its vocabulary has no such "
+                            f"entry); name one of its tokens, or delete the entry")
         if s is not None:
             out[key] = s
-    template = cfg.get("chat_template")
-    if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
-        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
-                        None)
+    template = _chat_template(cfg.get("chat_template"), source.get("chat_template"))
     jinja_file = folder / "chat_template.jinja"  # transformers >= 4.43 saves the template here
     if jinja_file.is_file():
-        template = jinja_file.read_text(encoding="utf-8")
-    if isinstance(template, str):
+        try:
+            template = jinja_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"{jinja_file}: not a readable UTF-8 Jinja template ({e}); fix or delete the file") \
+                from None
+    if template is not None:
         out["chat_template"] = template
     proc = json.loads(hf.to_str()).get("post_processor")
     if "bos" not in out:  # a bare tokenizer.json (Llama-2's) still names its BOS in the post-processor
@@ -130,13 +173,18 @@ def folder_settings(path: Path, hf) -> dict:
             found = next((t for name in names for t in specials if t == name or t.strip("<|>").lower() == name), None)
             if found is not None:
                 out[key] = found
-    if isinstance(cfg.get("add_bos_token"), bool):
-        out["add_bos"] = cfg["add_bos_token"]
+    add_bos = cfg.get("add_bos_token")
+    if add_bos is not None and not isinstance(add_bos, bool):
+        raise UserError(f"{source['add_bos_token']}: add_bos_token is {json.dumps(add_bos)[:80]}; it must be true, false or null. "
+                        f"Fix or delete the entry")
+    if add_bos is not None:
+        out["add_bos"] = add_bos
     else:
         out["add_bos"] = out.get("bos") is not None and _first_special(proc) == out["bos"]
-    gen = _read_json(folder / "generation_config.json").get("eos_token_id")
+    gen_file = folder / "generation_config.json"
+    gen = _read_json(gen_file).get("eos_token_id")
     if gen is not None:
-        out["extra_stop_ids"] = tuple(gen if isinstance(gen, list) else [gen])
+        out["extra_stop_ids"] = _stop_ids(gen, gen_file, hf.get_vocab_size(with_added_tokens=True))
     return out
 
 
