@@ -189,3 +189,14 @@ def test_the_mask_costs_one_extra_render_not_one_per_reply(smol_chat, monkeypatc
     msgs = [{"role": ("user", "assistant")[i % 2], "content": f"turn {i}"} for i in range(400)]
     ids, mask = smol_chat.render_chat(msgs)
     assert len(calls) == 2 and smol_chat.decode([i for i, m in zip(ids, mask) if m]).count("<|im_end|>") == 200
+
+
+def test_a_template_that_does_not_compile_is_the_file_s_fault(smol_json, tmp_path):
+    """A chat_template with a Jinja syntax error is refused when the tokenizer loads, naming the file (not later,
+    as if each conversation were wrong)."""
+    import shutil
+
+    shutil.copy(smol_json, tmp_path / "tokenizer.json")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{% for m in messages %}{{ m"}))
+    with pytest.raises(UserError, match="tokenizer.json: its chat_template does not compile"):
+        load_tokenizer(tmp_path)

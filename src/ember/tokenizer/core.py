@@ -23,7 +23,7 @@ from ember.tokenizer.chat import CHAT_TEMPLATE
 from ember.tokenizer.special import (BOS, END, EOS, PAD, ROLE_TOKENS, SPECIAL_TOKENS, SPLIT_PATTERN, byte_decoder,
                                      sha256_file)
 from ember.tokenizer.template import (CHATML_TEMPLATE, PLAIN_TEMPLATE, _TemplateError, assistant_spans, chat_pieces,
-                                      end_token, locate_contents, render_text, reply_spans, specials_regex,
+                                      compile_template, end_token, locate_contents, render_text, reply_spans, specials_regex,
                                       validate_messages)
 
 
@@ -66,6 +66,12 @@ class Tokenizer:
             self._template = CHATML_TEMPLATE  # a vocabulary made for ChatML: serving always rendered it so
         else:
             self._template = chat_template or PLAIN_TEMPLATE
+        try:  # a template that cannot even compile is the file's fault, not a conversation's: say so at load
+            compile_template(self._template)
+        except _TemplateError as e:
+            raise UserError(f"{self._name}: its chat_template does not compile ({e}); fix the template in the "
+                            f"tokenizer's files (tokenizer_config.json, chat_template.jinja or the GGUF's "
+                            f"tokenizer.chat_template)") from None
         self._specials_re, self._special_ids = specials_regex(self.ids), set(self.ids.values())
         if sha256 is None:
             sha256 = (sha256_file(self.path) if self.path is not None and self.path.is_file()
