@@ -278,7 +278,7 @@ def load_tokenizer(path: str | Path, vocab_size: int | None = None) -> Tokenizer
     """A tokenizer.json (with tokenizer_config.json etc. beside it when present), the folder holding one (e.g.
     <run>/tokenizer, an HF model folder, a folder `save` wrote), or a llama2.c tok*.bin (vocab_size: how many
     entries to read; the file does not store it)."""
-    from ember.tokenizer.hf import HFBackend, folder_settings, load_hf_file
+    from ember.tokenizer.hf import HFBackend, folder_settings, load_hf_file, read_settings
     from ember.tokenizer.sentencepiece import SentencePiece
 
     path = Path(path)
@@ -289,7 +289,7 @@ def load_tokenizer(path: str | Path, vocab_size: int | None = None) -> Tokenizer
         raise UserError(f"no tokenizer at {path}. Run `ember tokenizer` first, or point the config at a "
                         f"tokenizer.json, the folder holding it, or a llama2.c tok*.bin.")
     if path.suffix == ".bin":
-        cfg = _config(path.parent / "tokenizer_config.json") if path.name == "tok.bin" else {}
+        cfg = read_settings(path.parent / "tokenizer_config.json") if path.name == "tok.bin" else {}
         sp = SentencePiece.load_llama2c(path, vocab_size)
         if "ember_special_tokens" in cfg:  # written by save(): a GGUF vocabulary's own special names
             special = cfg["ember_special_tokens"]
@@ -302,18 +302,8 @@ def load_tokenizer(path: str | Path, vocab_size: int | None = None) -> Tokenizer
         return Tokenizer(sp, path, **settings)
     hf = load_hf_file(path)
     settings = folder_settings(path, hf)
-    extra = _config(path.parent / "tokenizer_config.json").get("ember_stop_ids")
+    extra = read_settings(path.parent / "tokenizer_config.json").get("ember_stop_ids")
     if extra:
         settings["extra_stop_ids"] = tuple(settings.get("extra_stop_ids", ())) + tuple(extra)
     return Tokenizer(HFBackend(hf), path, **settings)
 
-
-def _config(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: not valid JSON ({e}); fix or delete the file") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: holds a JSON {type(data).__name__}, not an object of settings; fix or delete the "
-                        f"file")
-    return data

@@ -78,7 +78,8 @@ def load_hf_file(path: Path):
                         f"tokenizer (`ember tokenizer`) or an HF model folder.") from None
 
 
-def _read_json(path: Path) -> dict:
+def read_settings(path: Path) -> dict:
+    """A settings file beside a tokenizer (tokenizer_config.json, ...) as a dict; {} when absent."""
     if not path.is_file():
         return {}
     try:
@@ -139,7 +140,7 @@ def folder_settings(path: Path, hf) -> dict:
     files = [folder / "special_tokens_map.json", folder / "tokenizer_config.json"]  # the later one wins
     cfg, source = {}, {}  # setting -> value, setting -> the file that gave it
     for f in files:
-        data = _read_json(f)
+        data = read_settings(f)
         cfg.update(data)
         source.update(dict.fromkeys(data, f))
     out: dict = {}
@@ -182,7 +183,7 @@ def folder_settings(path: Path, hf) -> dict:
     else:
         out["add_bos"] = out.get("bos") is not None and _first_special(proc) == out["bos"]
     gen_file = folder / "generation_config.json"
-    gen = _read_json(gen_file).get("eos_token_id")
+    gen = read_settings(gen_file).get("eos_token_id")
     if gen is not None:
         out["extra_stop_ids"] = _stop_ids(gen, gen_file, hf.get_vocab_size(with_added_tokens=True))
     return out
