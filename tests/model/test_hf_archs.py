@@ -98,6 +98,7 @@ def test_import_matches_transformers_and_exports_back(case, tmp_path):
     assert ours.abs().max() > 1.0
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
     if case == "llama-dynamic":  # NTK's base grows with the length: past max_position_embeddings (24) too
+        assert (model.config.max_seq_len, model.config.rope_original_max) == (48, 24)  # the engine may go there
         long = torch.randint(0, V, (1, 40), generator=torch.Generator().manual_seed(3))
         with torch.no_grad():
             torch.testing.assert_close(model(long), hf(long).logits, atol=1e-5, rtol=1e-5)

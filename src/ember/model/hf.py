@@ -224,6 +224,10 @@ def from_hf_config(d: dict, where: str) -> GPTConfig:
               max_seq_len=max_pos, norm_eps=d.get("rms_norm_eps", 1e-6),
               tie_embeddings=d.get("tie_word_embeddings", False), qk_norm=mtype.startswith("qwen3"),
               n_expert=n_expert, **_rope_from_hf(d, mtype, max_pos, unsupported))
+    if kw.get("rope_scaling") == "dynamic" and kw.get("rope_factor", 1.0) > 1:
+        # max_position_embeddings is the original context here; dynamic NTK is there to run past it (up to
+        # factor times, where its base has grown by the ratio it was tuned for): the engine may go that far
+        kw["max_seq_len"] = int(max_pos * kw["rope_factor"])
     if (window := _window(d, mtype, max_pos)) is not None:
         kw["max_seq_len"] = window
         print0(f"note: {where}: sliding_window={window} < max_position_embeddings={max_pos}; ember has no windowed "
