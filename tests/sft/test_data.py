@@ -201,3 +201,21 @@ def test_stats_and_batches(tok, convs):
     assert s["conversations"] == len(exs) and s["tokens"] == sum(len(e.inputs) for e in exs) and 0 < s["fill"] <= 1
     got = list(D.batches(rows, 3, tok.pad_id, True, 64))
     assert sum(b.inputs.size(0) for b in got) == len(rows)
+
+
+def test_a_template_rejection_names_the_record(tmp_path, tok):
+    """A chat template that refuses a conversation (here: a system turn) is reported with the record's file:line,
+    not as an anonymous 'messages' error."""
+    from ember.tokenizer.core import Tokenizer
+
+    strict = Tokenizer(tok.hf, chat_template="{% for m in messages %}{% if m['role'] == 'system' %}"
+                       "{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}<|end|>"
+                       "{% endfor %}", kind="hf", bos="<|bos|>", eos="<|eos|>")
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+                    + "\n" + json.dumps({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"},
+                                                     {"role": "assistant", "content": "yo"}]}) + "\n")
+    good, bad = D.load_conversations(path)
+    assert D.encode(strict, good) is not None
+    with pytest.raises(UserError, match=r"chat\.jsonl:2: the chat template .* System role not supported"):
+        D.encode(strict, bad)

@@ -28,11 +28,13 @@ TEMPLATES = ("chat", "raw")
 # ---------------------------------------------------------------------------- encoding
 
 
-def encode_prompt(tok, prompt, template: str) -> list[int]:
-    """Prompt ids, ending where the model's reply starts (after <|assistant|> for chat)."""
+def encode_prompt(tok, prompt, template: str, where: str = "") -> list[int]:
+    """Prompt ids, ending where the model's reply starts (after <|assistant|> for chat). `where` names the record
+    in errors (a chat template that rejects it); by default the prompt's opening words do."""
     if template == "chat":
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        return render_chat(tok, messages, add_generation_prompt=True)[0]
+        where = where or f"the prompt {str(prompt)[:60]!r}"
+        return render_chat(tok, messages, add_generation_prompt=True, where=where)[0]
     text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
     return ([tok.bos_id] if tok.add_bos else []) + tok.encode(text)  # a document starts as the model's did
 

@@ -109,9 +109,13 @@ def _peft_adapter(ckpt: Path, out: Path, tok) -> Path | None:
         return None
     _, info = lora.read_adapter(ckpt)
     base_path = info.get("base")
-    if info.get("method") != "lora" or not base_path or not Path(base_path).exists():
-        print0(f"[export] {ckpt} holds a {info.get('method', '?')} adapter whose base ({base_path}) is not here: "
-               f"only the merged HF folder is written")
+    if info.get("method") != "lora":  # QLoRA trained on the NF4-rounded base: peft on the original is another model
+        print0(f"[export] {ckpt} holds a {info.get('method', '?')} adapter, trained on a quantized base: only the "
+               f"merged HF folder is written (a peft adapter is exported for --method=lora)")
+        return None
+    if not base_path or not Path(base_path).exists():
+        print0(f"[export] {ckpt} holds a LoRA adapter whose base ({base_path}) is not here: only the merged HF "
+               f"folder is written")
         return None
     base = load_model(base_path).float()
     export_hf(base, out / "base", tok)

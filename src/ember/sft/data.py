@@ -97,11 +97,21 @@ def to_messages(rec, where: str) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in msgs]
 
 
+class Conversation(list):
+    """A conversation (a list of messages, JSON-serialised as one) that remembers where it came from, so an
+    error found later (a chat template rejecting it) names its file:line."""
+    where = "messages"
+
+
 def load_conversations(spec: str | Path) -> list[list[dict]]:
     """Every conversation of a chat data source: a .jsonl / .json / .parquet file, a folder of them (sorted), or
     a dataset as hf:NAME[[:CONFIG]:SPLIT] (common/records.py); errors name the record's file:line or row."""
-    return [to_messages(rec, place) for place, rec in
-            read_records(spec, "--data", fix="or leave `data` empty for the built-in stdlib instruction set")]
+    out = []
+    for place, rec in read_records(spec, "--data", fix="or leave `data` empty for the built-in stdlib instruction set"):
+        conv = Conversation(to_messages(rec, place))
+        conv.where = place
+        out.append(conv)
+    return out
 
 
 # ---------------------------------------------------------------------------- the default set: stdlib
@@ -226,6 +236,7 @@ def split(convs: list[list[dict]], val_fraction: float) -> tuple[list, list]:
 class Example:
     inputs: list[int]  # token ids fed to the model (the conversation without its last token)
     targets: list[int]  # next-token ids; -100 where no loss (prompt tokens unless train_on_all)
+    truncated: bool = False  # the rendered conversation was longer than max_len and lost its end
 
 
 def encode(tok, messages: list[dict], train_on_all: bool = False, max_len: int = 0) -> Example | None:
@@ -233,13 +244,14 @@ def encode(tok, messages: list[dict], train_on_all: bool = False, max_len: int =
 
     max_len truncates (keeping the start) to max_len inputs; returns None if nothing is left to train on.
     """
-    ids, mask = render_chat(tok, messages)
+    ids, mask = render_chat(tok, messages, where=getattr(messages, "where", "messages"))
     inputs, targets = ids[:-1], [t if (m or train_on_all) else -100 for t, m in zip(ids[1:], mask[1:])]
-    if max_len:
+    truncated = bool(max_len) and len(inputs) > max_len
+    if truncated:
         inputs, targets = inputs[:max_len], targets[:max_len]
     if all(t == -100 for t in targets):
         return None
-    return Example(inputs, targets)
+    return Example(inputs, targets, truncated)
 
 
 @dataclass

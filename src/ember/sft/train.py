@@ -123,7 +123,7 @@ def stop_eval(model, tok, convs: list[list[dict]], n: int) -> tuple[float, list[
         if len(jobs) == n:
             break
         last = max(i for i, m in enumerate(conv) if m["role"] == "assistant")
-        prompt, _ = render_chat(tok, conv[:last], add_generation_prompt=True)
+        prompt, _ = render_chat(tok, conv[:last], add_generation_prompt=True, where=getattr(conv, "where", "messages"))
         budget = 2 * len(tok.encode(conv[last]["content"])) + 16
         if len(prompt) + budget + 1 > limit:
             continue  # cannot judge within the context window
@@ -189,16 +189,16 @@ def main(cfg: Config) -> dict:
     if not train_convs:
         raise UserError(f"no training conversations left from {cfg.data or 'the stdlib set'} "
                         f"(val_fraction = {cfg.val_fraction}); give more data or a smaller val_fraction")
-    for name, cs in (("train", train_convs), ("val", val_convs)):
-        artifacts.write_text(out / "data" / f"{name}.jsonl", "".join(json.dumps({"messages": c}) + "\n" for c in cs))
 
     def examples(cs):
-        exs = [D.encode(tok, c, cfg.train_on_all, seq_len) for c in cs]
+        exs = [D.encode(tok, c, cfg.train_on_all, seq_len) for c in cs]  # a template's rejection names file:line
         return [e for e in exs if e is not None], sum(e is None for e in exs)
 
     train_ex, dropped = examples(train_convs)
     val_ex, _ = examples(val_convs)
-    truncated = sum(len(D.render_chat(tok, c)[0]) - 1 > seq_len for c in train_convs)
+    truncated = sum(e.truncated for e in train_ex) + dropped  # dropped: no reply left once truncated
+    for name, cs in (("train", train_convs), ("val", val_convs)):  # after encoding: a rejected file writes nothing
+        artifacts.write_text(out / "data" / f"{name}.jsonl", "".join(json.dumps({"messages": c}) + "\n" for c in cs))
     train_rows = D.make_rows(train_ex, seq_len, cfg.packing)
     val_rows = D.make_rows(val_ex, seq_len, cfg.packing)
     if not train_rows:
