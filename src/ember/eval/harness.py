@@ -205,7 +205,8 @@ def main(cfg: Config) -> dict:
         results[name], items_by_task[name] = rec, items
         artifacts.write_text(run.dir / "items" / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in per_item))
         main_v, (lo, hi) = rec["metrics"][rec["main_metric"]], rec["ci95"][rec["main_metric"]]
-        print0(f"[eval] {name}: {rec['main_metric']} {main_v:.4f} [{lo:.4f}, {hi:.4f}] on {rec['n']} items "
+        interval = "" if lo != lo else f" [{lo:.4f}, {hi:.4f}]"  # nan: no intervals (--bootstrap=0)
+        print0(f"[eval] {name}: {rec['main_metric']} {main_v:.4f}{interval} on {rec['n']} items "
                f"({rec['shots']}-shot, {rec['seconds']:.1f}s)")
 
     contam = {"note": "disabled (--contamination=false)"}
