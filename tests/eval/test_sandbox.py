@@ -144,10 +144,29 @@ def test_cannot_signal_the_harness():
 
 
 def test_humaneval_canonical_solutions_pass():
+    """Under the split-verdict harness HumanEval scores with: canonical 164/164, a wrong set (`return None`) 0/164."""
     items = humaneval.load(datasets_or_skip("humaneval", "HumanEval.jsonl.gz"))
     assert len(items) == 164
-    res = run_many([humaneval.program(it, it["canonical_solution"]) for it in items], workers=2, timeout=10)
+    res = humaneval.score_many([(it, it["canonical_solution"]) for it in items], workers=2, timeout=10)
     failed = [(it["id"], r.status, r.stderr[-200:]) for it, r in zip(items, res) if not r.passed]
     assert failed == []
-    wrong = run_many([humaneval.program(it, "    return None\n") for it in items[:8]], workers=2)
-    assert not any(r.passed for r in wrong)
+    wrong = humaneval.score_many([(it, "    return None\n") for it in items], workers=2, timeout=10)
+    assert [it["id"] for it, r in zip(items, wrong) if r.passed] == []
+    time.sleep(0.05)
+    assert sandbox_procs() == [] and leftovers() == []
+
+
+def test_single_file_programs_still_run():
+    """run_code / run_many stay for other callers (one file, the end-of-program verdict)."""
+    items = humaneval.load(datasets_or_skip("humaneval", "HumanEval.jsonl.gz"))[:6]
+    assert all(r.passed for r in run_many([humaneval.program(it, it["canonical_solution"]) for it in items]))
+    assert not any(r.passed for r in run_many([humaneval.program(it, "    return None\n") for it in items]))
+
+
+def test_function_tests_clean_up_after_a_hang_and_a_daemon():
+    code = ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\n"
+            "def f(x):\n    time.sleep(60)\n")
+    r = sandbox.run_function_tests(code, "f", "def check(c):\n    assert c(1) == 1\n", timeout=2, guard=False)
+    assert not r.passed
+    time.sleep(0.05)
+    assert sandbox_procs() == [] and leftovers() == []

