@@ -10,11 +10,10 @@ or non-plain return value counts as a failure.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-
-from concurrent.futures import ThreadPoolExecutor
 
 from ember.eval.sandbox import SandboxResult, run_function_tests
 from ember.eval.scoring import EvalLM, generate
