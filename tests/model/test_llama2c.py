@@ -10,7 +10,7 @@ import torch
 
 from ember.common.errors import UserError
 from ember.tokenizer.special import load_tokenizer
-from ember.model.llama2c import hf_to_meta, load_llama2c, meta_to_hf, stories260k_paths
+from ember.model.llama2c import hf_to_meta, load_llama2c, meta_to_hf
 
 
 def write_llama2c(path, dim=16, hidden=40, L=2, H=4, KV=2, V=32, S=24, tied=True, seed=0):
@@ -101,20 +101,8 @@ def test_corrupt_files_are_user_errors(tmp_path):
 
 # ---------------------------------------------------------------------------- the real stories260K
 
-@pytest.fixture(scope="module")
-def real():
-    paths = stories260k_paths()
-    if paths is None:
-        pytest.skip("../shared/datasets/models/stories260K is absent (see INVENTORY.md)")
-    model = load_llama2c(paths[0])
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # a 260K-parameter model is latency-bound: threads only add contention
-    yield model, load_tokenizer(paths[1], model.config.vocab_size)
-    torch.set_num_threads(n)
-
-
-def test_stories260k_greedy_matches_documented_output(real):
-    model, tok = real
+def test_stories260k_greedy_matches_documented_output(stories):
+    model, tok = stories
     ids = [tok.bos_id]
     with torch.no_grad():
         for _ in range(45):
@@ -141,8 +129,8 @@ def naive_encode(tok, text):
         ids[at:at + 2] = [best]
 
 
-def test_tokenizer_against_naive_encoder_and_round_trip(real):
-    _, tok = real
+def test_tokenizer_against_naive_encoder_and_round_trip(stories):
+    _, tok = stories
     text = ("Once upon a time, Tom's dog ran to the park. \"Wow!\" said Mia; 3 + 4 = 7?\n\n"
             "Café, naïve, 日本, emoji 😀 and tabs\tend.")
     rng = random.Random(0)
