@@ -14,24 +14,12 @@ from ember.model.hf import export_hf, hf_name, import_hf, model_type
 from ember.model.lora import (LoRALinear, apply_lora, load_peft_adapter, lora_modules, merge_lora,
                               read_peft_adapter, save_peft_adapter)
 
+from .test_hf import TINY, randomize  # the same tiny config and O(1-10)-logit weights as the HF parity tests
+
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-TINY = dict(vocab_size=128, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, max_seq_len=64, rope_theta=500.0,
-            norm_eps=1e-6)
 TOL = dict(atol=1e-4, rtol=0)  # fp32; logits are O(1-10)
-
-
-def randomize(model, seed=0, scale=0.15):
-    """Every parameter random (norm gains near 1, LoRA B nonzero), so each adapter weight shows in the logits."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(scale * torch.randn(p.shape, generator=g))
-    return model
 
 
 def load_hf(folder):
