@@ -1,0 +1,1 @@
+"""Compression stages: quantization, pruning, recovery fine-tuning and distillation."""
