@@ -71,6 +71,8 @@ def save_model(path_or_dir: str | Path, model, metadata: dict[str, Any] | None =
     model = getattr(model, "_orig_mod", model)
     path = model_file(path_or_dir)
     meta = {"format": FORMAT, "config": dataclasses.asdict(model.config), **(metadata or {})}
+    if getattr(model, "quant", None):  # a quantized model (model/quant.py): its scheme rebuilds the modules at load
+        meta["quant"] = model.quant
     save_state(path, model.state_dict(), meta)
     return path
 
@@ -90,6 +92,10 @@ def load_model(path_or_dir: str | Path, device: torch.device | str = "cpu", dtyp
     config = from_dict(GPTConfig, meta["config"], where=f"the config stored in {path}")
     check_layer_count(config, tensors, path)
     model = build_model(config, "meta", init=False)  # shapes first: a config may claim any size
+    if isinstance(meta.get("quant"), dict):  # int8/int4 codes load into quantized modules, never de-quantized here
+        from ember.model.quant import quant_skeleton_
+
+        quant_skeleton_(model, meta["quant"])
     check_fit(model, tensors, path)
     model.to_empty(device=device)
     if "tok_emb.weight" in tensors:
