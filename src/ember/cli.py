@@ -43,6 +43,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "eval": ("ember.eval.harness", "benchmarks, perplexity and code pass@k on a checkpoint, with intervals and contamination"),
     "arena": ("ember.eval.arena", "Bradley-Terry / Elo ratings from pairwise votes or an LLM judge"),
     "card": ("ember.eval.card", "write the model card from the run's lineage and eval results"),
+    "distill": ("ember.compress.distill", "train a smaller student from a teacher's logits (forward/reverse KL, top-k cache)"),
     "pipeline": ("ember.pipeline", "run the stages in order, skipping finished ones"),
 }
 
