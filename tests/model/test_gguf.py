@@ -390,3 +390,120 @@ def test_gguf_export_refuses_what_it_would_drop(tmp_path, kw, what):
     with pytest.raises(UserError, match=what):
         export_gguf(model, tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
+
+
+# ---------------------------------------------------------------------------- quantized export
+
+def test_k_quants_read_back_close_to_the_weights():
+    """ember's Q4_K / Q6_K blocks (the gguf package only reads these types) dequantize, by the package's own
+    reader, to within 4-bit / 6-bit rounding of the weights; all-zero and constant super-blocks come back exact."""
+    import gguf
+    from gguf.quants import dequantize
+
+    from ember.model.gguf import quantize
+
+    x = np.random.default_rng(0).standard_normal((8, 512)).astype(np.float32) * 0.02
+    x[0, :256], x[1, :256] = 0.0, -0.5
+    for kind, bound, size in (("Q4_K", 0.1, 144), ("Q6_K", 0.025, 210)):
+        q = quantize(x, kind)
+        assert q.dtype == np.uint8 and q.shape == (8, 2 * size)
+        y = dequantize(q, gguf.GGMLQuantizationType[kind]).reshape(x.shape)
+        rel = np.linalg.norm(y[2:] - x[2:]) / np.linalg.norm(x[2:])
+        assert 0 < rel < bound, (kind, rel)
+        np.testing.assert_array_equal(y[0, :256], 0)
+        np.testing.assert_allclose(y[1, :256], -0.5, atol=1e-3)
+
+
+def test_tensor_types_follow_llama_cpps_mix():
+    """The per-tensor types of llama.cpp's llama-quantize for these ftypes: norms F32; the output (or the tied
+    embedding) Q6_K; q4_k_m's Q6_K attn_v/ffn_down in layers 0, 3, 6, 7 of 8 (use_more_bits); rows not a whole
+    number of 256-blocks fall back Q4_K->Q5_0, Q6_K->Q8_0; of 32-blocks to F16."""
+    from ember.model.gguf import tensor_types
+
+    shapes = {"token_embd.weight": (320, 256), "output_norm.weight": (256,), "output.weight": (320, 256)}
+    for i in range(8):
+        shapes |= {f"blk.{i}.attn_v.weight": (64, 256), f"blk.{i}.ffn_down.weight": (256, 576),
+                   f"blk.{i}.attn_q.weight": (256, 256), f"blk.{i}.attn_norm.weight": (256,)}
+    t = tensor_types(shapes, "q4_k_m", 8)
+    assert t["output_norm.weight"] == t["blk.3.attn_norm.weight"] == "F32"
+    assert t["output.weight"] == "Q6_K" and t["token_embd.weight"] == t["blk.3.attn_q.weight"] == "Q4_K"
+    assert [i for i in range(8) if t[f"blk.{i}.attn_v.weight"] == "Q6_K"] == [0, 3, 6, 7]
+    assert {t[f"blk.{i}.ffn_down.weight"] for i in range(8)} == {"Q8_0", "Q5_0"}  # 576 columns: fallbacks
+    assert tensor_types(shapes, "q4_k", 8)["blk.0.attn_v.weight"] == "Q4_K"
+    assert tensor_types(shapes, "q8_0", 8)["output.weight"] == "Q8_0"
+    tied = {k: v for k, v in shapes.items() if k != "output.weight"}
+    assert tensor_types(tied, "q4_0", 8)["token_embd.weight"] == "Q6_K"
+    assert tensor_types({"w.weight": (4, 48)}, "q4_0", 1)["w.weight"] == "F16"  # 48 = 1.5 blocks of 32
+    assert tensor_types({"w.weight": (4, 48)}, "f16", 1)["w.weight"] == "F16"
+
+
+def test_an_unknown_type_is_one_line_and_a_failed_export_leaves_no_file(tmp_path, monkeypatch):
+    import ember.model.gguf as G
+
+    model = random_model(320)
+    with pytest.raises(UserError, match=r"GGUF type 'q3_k' is not one ember writes; use one of f32, f16, .*q4_k_m"):
+        export_gguf(model, tmp_path / "m.gguf", dtype="q3_k")
+    calls, real = [], G.quantize
+
+    def dies(x, kind):  # the process is interrupted while the tensors are written
+        calls.append(kind)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(x, kind)
+
+    monkeypatch.setattr(G, "quantize", dies)
+    with pytest.raises(KeyboardInterrupt):
+        export_gguf(model, tmp_path / "m.gguf", dtype="q8_0")
+    assert list(tmp_path.iterdir()) == []  # no model.gguf, no temp file
+
+
+def tiny_256(tokenizer, seed=0):
+    """A model whose rows are whole 256-weight super-blocks (llama.cpp's K-quants need them), with peaked
+    next-token distributions so greedy decoding is not a coin toss."""
+    torch.manual_seed(seed)
+    model = build_model(GPTConfig(vocab_size=320, n_layer=2, n_head=4, n_kv_head=2, n_embd=256, ffn_hidden=512,
+                                  max_seq_len=64), "cpu").eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)
+    return model
+
+
+@pytest.mark.parametrize("dtype", ["q8_0", "q4_0", "q4_k_m"])
+def test_quantized_gguf_runs_in_llama_cpp_like_embers_dequantized_model(tmp_path, tokenizer, dtype):
+    """llama.cpp runs ember's quantized file with ember's logits on the dequantized weights (up to llama.cpp's
+    8-bit rounding of activations) and the same greedy tokens; llama.cpp's own quantization of ember's f32 file
+    picks the same type for every tensor and (nearly always) the same bytes."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (built by .ci/run) is not installed")
+    import ctypes
+
+    import gguf
+
+    model = tiny_256(tokenizer)
+    path = export_gguf(model, tmp_path / f"{dtype}.gguf", tokenizer, dtype=dtype)
+    ours, _ = load_gguf(path)
+    ids = [0] + tokenizer.encode("def add(a, b): return")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=1, logits_all=True, verbose=False)
+    llm.eval(ids)
+    theirs = np.array(llm.scores[:len(ids)])
+    with torch.no_grad():
+        want = ours(torch.tensor([ids]))[0].numpy()
+    assert np.abs(theirs - want).max() < 0.02 * np.abs(want).max()
+    from ember.model.engine import Engine, SamplingParams
+
+    greedy = Engine(ours, tokenizer).generate([ids], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
+    assert [t for _, t in zip(range(8), llm.generate(ids, top_k=1, temp=0.0, reset=True))] == greedy.tokens
+
+    export_gguf(model, tmp_path / "f32.gguf", tokenizer)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
+                    "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M}[dtype]
+    params.nthread = 1
+    peer = str(tmp_path / "peer.gguf")
+    assert llama_cpp.llama_model_quantize(str(tmp_path / "f32.gguf").encode(), peer.encode(), ctypes.byref(params)) == 0
+    mine = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    same = total = 0
+    for t in gguf.GGUFReader(peer).tensors:
+        assert mine[t.name].tensor_type == t.tensor_type, t.name
+        a, b = np.asarray(mine[t.name].data).view(np.uint8), np.asarray(t.data).view(np.uint8)
+        same, total = same + int((a == b).sum()), total + a.size
+    assert same / total > 0.99  # float sums in another order round a rare tie the other way

@@ -1,6 +1,7 @@
 """GGUF (llama.cpp's format) export and import for dense ember models, via the `gguf` package.
 
-    export_gguf(model, "out/model.gguf", tokenizer)          # llama arch, f32 or f16, tokenizer in the metadata
+    export_gguf(model, "out/model.gguf", tokenizer)          # llama arch, tokenizer in the metadata
+    export_gguf(model, "out/q4.gguf", tokenizer, dtype="q4_k_m")  # f32 f16 bf16 q8_0 q6_k q4_0 q4_k q4_k_m
     model, tok = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")  # any llama GGUF, quantized ones dequantized
 
 Written the way llama.cpp's convert_hf_to_gguf.py writes a Llama: tensor names token_embd / blk.N.attn_q /
@@ -8,6 +9,9 @@ Written the way llama.cpp's convert_hf_to_gguf.py writes a Llama: tensor names t
 (llama.cpp rotates adjacent pairs; ember, like HF, rotates halves), undone on import. Tokenizers: ember's
 byte-level BPE as tokenizer.ggml.model "gpt2" (+ the exact tokenizer.json under "ember.tokenizer_json"),
 SentencePiece-style vocabularies (llama2.c) as "llama" with scores.
+Quantized types pick each tensor's type as llama.cpp's `llama-quantize` does (tensor_types) and write the
+block formats of ggml-quants.c: Q8_0/Q4_0/Q5_0 through the `gguf` package, Q4_K/Q6_K (which it only reads)
+in numpy below.
 """
 
 from __future__ import annotations
@@ -59,6 +63,185 @@ def to_gguf_tensors(model: GPT) -> dict[str, np.ndarray]:
     return out
 
 
+# ---------------------------------------------------------------------------- quantized tensor types
+
+QK_K = 256  # weights per K-quant super-block (8 sub-blocks of 32 for Q4_K, 16 of 16 for Q6_K)
+
+# ember's name -> (GGML type of most matrices, general.file_type). q4_k: Q4_K everywhere llama.cpp's Q4_K_M keeps
+# it, without Q4_K_M's Q6_K attn_v/ffn_down (no llama.cpp ftype is exactly that; Q4_K_S is the nearest label).
+GGUF_TYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
+              "q8_0": ("Q8_0", "MOSTLY_Q8_0"), "q6_k": ("Q6_K", "MOSTLY_Q6_K"), "q4_0": ("Q4_0", "MOSTLY_Q4_0"),
+              "q4_k": ("Q4_K", "MOSTLY_Q4_K_S"), "q4_k_m": ("Q4_K", "MOSTLY_Q4_K_M")}
+# what llama.cpp falls back to when a row's length is not a whole number of blocks (tensor_type_fallback);
+# a type without a fallback there (Q8_0, Q4_0: llama.cpp refuses the tensor) becomes F16 here
+FALLBACK = {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}
+
+
+def check_gguf_type(dtype: str) -> None:
+    if dtype not in GGUF_TYPES:
+        raise UserError(f"GGUF type {dtype!r} is not one ember writes; use one of {', '.join(GGUF_TYPES)} "
+                        f"(q4_k_m = llama.cpp's Q4_K_M mix)")
+
+
+def tensor_types(shapes: dict[str, tuple[int, ...]], dtype: str, n_layer: int) -> dict[str, str]:
+    """GGUF tensor name -> GGML type name, chosen as llama.cpp's llama_tensor_get_type does for this ftype without
+    an importance matrix: 1-D tensors (norm gains) stay F32; the output matrix (the token embedding when tied)
+    gets Q6_K in every quantized type but Q8_0; q4_k_m also gives Q6_K to attn_v and ffn_down in the layers
+    llama.cpp's use_more_bits picks (first and last eighth, every third between); a row length (shape[-1], GGUF's
+    ne[0]) that is not a whole number of blocks falls back as llama.cpp does (Q4_K->Q5_0, Q6_K->Q8_0), else F16."""
+    import gguf
+
+    check_gguf_type(dtype)
+    base = GGUF_TYPES[dtype][0]
+    block = lambda t: gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t]][0]
+    quantized = block(base) > 1
+    tied = "output.weight" not in shapes
+    more_bits = lambda i: i < n_layer // 8 or i >= 7 * n_layer // 8 or (i - n_layer // 8) % 3 == 2
+    out = {}
+    for name, shape in shapes.items():
+        t, cols = base, shape[-1]
+        if len(shape) == 1:
+            t = "F32"
+        elif quantized and (name == "output.weight" or (tied and name == "token_embd.weight")):
+            t = "Q8_0" if base == "Q8_0" or cols % block(base) else "Q6_K"
+        elif dtype == "q4_k_m" and name.endswith(("attn_v.weight", "ffn_down.weight")) \
+                and more_bits(int(name.split(".")[1])):
+            t = "Q6_K"
+        if cols % block(t):
+            t = FALLBACK.get(t, "F16")
+            t = "F16" if cols % block(t) else t
+        out[name] = t
+    return out
+
+
+def _f16(x: np.ndarray) -> np.ndarray:
+    """fp32 rounded through fp16, as ggml stores the block scales."""
+    return x.astype(np.float16).astype(np.float32)
+
+
+def _fit_scale_min(x: np.ndarray, w: np.ndarray, nmax: int = 15, rmin: float = -1.0, rdelta: float = 0.1,
+                   nstep: int = 20) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row of x (m, 32): levels L in 0..nmax and (scale, m) with x ~ scale*L - m, minimizing the w-weighted
+    squared error. Facts of ggml's make_qkx2_quants: start from the min/max grid, then try nstep+1 slightly
+    stretched grids (iscale = (nmax + rmin + rdelta*i) / (max - min)), least-squares-fit scale and min to each
+    rounding, keep the best; the min is never above 0. Returns (scale (m,), m = -min (m,), L (m, 32) float)."""
+    lo, hi = np.minimum(x.min(1), 0), x.max(1)
+    flat = hi == lo
+    sw, sx = w.sum(1), (w * x).sum(1)
+    mn = lo.copy()
+    span = np.where(flat, 1, hi - mn)
+    L = np.clip(np.rint(nmax / span[:, None] * (x - mn[:, None])), 0, nmax)
+    scale = span / nmax
+    best = (w * (scale[:, None] * L + mn[:, None] - x) ** 2).sum(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for i in range(nstep + 1):
+            span = np.where(hi > mn, hi - mn, 1)  # mn moves with each improvement, as in ggml
+            La = np.clip(np.rint((rmin + rdelta * i + nmax) / span[:, None] * (x - mn[:, None])), 0, nmax)
+            sl, sl2, sxl = (w * La).sum(1), (w * La * La).sum(1), (w * La * x).sum(1)
+            D = sw * sl2 - sl * sl
+            s_new, m_new = (sw * sxl - sx * sl) / D, (sl2 * sx - sl * sxl) / D
+            pos = m_new > 0  # a positive min is not representable: refit the scale alone
+            s_new, m_new = np.where(pos, sxl / sl2, s_new), np.where(pos, 0, m_new)
+            err = (w * (s_new[:, None] * La + m_new[:, None] - x) ** 2).sum(1)
+            better = (D > 0) & (err < best) & ~flat
+            L = np.where(better[:, None], La, L)
+            best, scale, mn = np.where(better, err, best), np.where(better, s_new, scale), np.where(better, m_new, mn)
+    scale, L = np.where(flat, 0, scale), np.where(flat[:, None], 0, L)
+    return scale.astype(np.float32), (-mn).astype(np.float32), L
+
+
+def quantize_q4_k(x: np.ndarray) -> np.ndarray:
+    """(n, 256) fp32 super-blocks -> (n, 144) bytes of GGML's block_q4_K: d, dmin (fp16), 12 bytes holding 8
+    six-bit sub-block scales and 8 six-bit mins, 128 bytes of 4-bit levels. Weight = d*sc*L - dmin*m. The steps
+    of ggml's quantize_row_q4_K_ref: fit (scale, min) per 32-weight sub-block (weights av|x| + |x|, so large
+    weights count more), quantize the 8 scales and 8 mins to 6 bits against their maxima, then re-round the
+    levels against the scales as stored."""
+    n = x.shape[0]
+    xs = x.reshape(n * 8, 32)
+    w = np.sqrt((xs * xs).mean(1, keepdims=True)) + np.abs(xs)
+    scales, mins, L = _fit_scale_min(xs, w)
+    scales, mins, L = scales.reshape(n, 8), mins.reshape(n, 8), L.reshape(n, 8, 32)
+    max_s, max_m = scales.max(1, keepdims=True), mins.max(1, keepdims=True)
+    ls = np.minimum(63, np.rint(np.where(max_s > 0, 63 / np.where(max_s > 0, max_s, 1), 0) * scales)).astype(np.uint8)
+    lm = np.minimum(63, np.rint(np.where(max_m > 0, 63 / np.where(max_m > 0, max_m, 1), 0) * mins)).astype(np.uint8)
+    d, dmin = (max_s[:, 0] / 63).astype(np.float16), (max_m[:, 0] / 63).astype(np.float16)
+    sub_d = d.astype(np.float32)[:, None] * ls  # (n, 8) the scales as llama.cpp will read them
+    sub_m = dmin.astype(np.float32)[:, None] * lm
+    with np.errstate(divide="ignore", invalid="ignore"):
+        L2 = np.clip(np.rint((x.reshape(n, 8, 32) + sub_m[..., None]) / sub_d[..., None]), 0, 15)
+    L = np.where(sub_d[..., None] != 0, L2, L).astype(np.uint8).reshape(n, 4, 2, 32)
+    sc = np.concatenate([ls[:, :4] | (ls[:, 4:] >> 4) << 6, lm[:, :4] | (lm[:, 4:] >> 4) << 6,
+                         (ls[:, 4:] & 0xF) | (lm[:, 4:] & 0xF) << 4], axis=1)
+    qs = (L[:, :, 0] | L[:, :, 1] << 4).reshape(n, 128)  # 64-weight chunks: low nibbles 0..31, high 32..63
+    return np.concatenate([d.view(np.uint8).reshape(n, 2), dmin.view(np.uint8).reshape(n, 2), sc, qs], axis=1)
+
+
+def _fit_symmetric(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of x (m, 16): signed levels L in -nmax..nmax-1 and a scale with x ~ scale*L, minimizing the
+    x^2-weighted squared error (ggml's make_qx_quants, rmse_type 1): the grid through the largest |x| and 18
+    stretched ones (nmax +- 0.1*i), each with its least-squares scale. Returns (scale (m,), L (m, 16) float)."""
+    big = np.take_along_axis(x, np.abs(x).argmax(1)[:, None], 1)[:, 0]
+    zero = np.abs(big) < 1e-15
+    big = np.where(zero, 1, big)
+    w = x * x
+
+    def grid(k):
+        L = np.clip(np.rint(-(nmax + 0.1 * k) / big[:, None] * x), -nmax, nmax - 1)
+        return L, (w * x * L).sum(1), (w * L * L).sum(1)
+
+    L, slx, sl2 = grid(0)
+    scale = np.where(sl2 > 0, slx / np.where(sl2 > 0, sl2, 1), 0)
+    best = scale * slx
+    for k in [*range(-9, 0), *range(1, 10)]:
+        La, a, b = grid(k)
+        better = (b > 0) & (a * a > best * b)
+        L = np.where(better[:, None], La, L)
+        scale = np.where(better, a / np.where(b > 0, b, 1), scale)
+        best = np.where(better, scale * a, best)
+    return np.where(zero, 0, scale).astype(np.float32), np.where(zero[:, None], 0, L)
+
+
+def quantize_q6_k(x: np.ndarray) -> np.ndarray:
+    """(n, 256) fp32 super-blocks -> (n, 210) bytes of GGML's block_q6_K: 128 bytes of low 4 bits, 64 of high
+    2 bits, 16 int8 sub-block scales, d (fp16). Weight = d*sc*(L-32). As ggml's quantize_row_q6_K_ref: fit a
+    scale per 16 weights (_fit_symmetric, 6-bit levels), quantize the 16 scales to int8 against the largest,
+    re-round the levels against the stored scales."""
+    n = x.shape[0]
+    scales, L = _fit_symmetric(x.reshape(n * 16, 16), 32)
+    scales, L = scales.reshape(n, 16), L.reshape(n, 16, 16)
+    big = np.take_along_axis(scales, np.abs(scales).argmax(1)[:, None], 1)  # (n, 1), signed
+    zero = np.abs(big) < 1e-15
+    iscale = np.where(zero, 0, -128 / np.where(zero, 1, big))
+    d = np.where(zero, 0, 1 / np.where(zero, 1, iscale))[:, 0].astype(np.float16)
+    sc = np.minimum(127, np.rint(iscale * scales)).astype(np.int8)
+    sub_d = d.astype(np.float32)[:, None] * sc
+    with np.errstate(divide="ignore", invalid="ignore"):
+        L2 = np.clip(np.rint(x.reshape(n, 16, 16) / sub_d[..., None]), -32, 31)
+    L = (np.where(sub_d[..., None] != 0, L2, L) + 32).astype(np.uint8).reshape(n, 2, 4, 32)  # halves of 128
+    ql = np.concatenate([L[:, :, 0] & 0xF | (L[:, :, 2] & 0xF) << 4, L[:, :, 1] & 0xF | (L[:, :, 3] & 0xF) << 4],
+                        axis=2).reshape(n, 128)
+    qh = (L[:, :, 0] >> 4 | (L[:, :, 1] >> 4) << 2 | (L[:, :, 2] >> 4) << 4 | (L[:, :, 3] >> 4) << 6).reshape(n, 64)
+    out = np.concatenate([ql, qh, sc.view(np.uint8), d.view(np.uint8).reshape(n, 2)], axis=1)
+    out[zero[:, 0]] = 0
+    return out
+
+
+def quantize(x: np.ndarray, kind: str) -> np.ndarray:
+    """(rows, cols) fp32 -> the tensor's bytes in GGML type `kind`: fp32/fp16 arrays, else (rows, bytes per row)
+    uint8. The `gguf` package quantizes F16/BF16/Q8_0/Q4_0/Q5_0 (bit-exact with ggml's reference); Q4_K and Q6_K,
+    which it only dequantizes, are quantized above, 16k super-blocks at a time to bound the temporaries."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize as gguf_quantize
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if kind not in ("Q4_K", "Q6_K"):
+        return gguf_quantize(x, GGMLQuantizationType[kind])
+    fn = quantize_q4_k if kind == "Q4_K" else quantize_q6_k
+    blocks = x.reshape(-1, QK_K)
+    out = np.concatenate([fn(blocks[i:i + 16384]) for i in range(0, len(blocks), 16384)])
+    return out.reshape(x.shape[0], -1)
+
+
 # ---------------------------------------------------------------------------- export
 
 def check_exportable(c: GPTConfig) -> None:
@@ -74,13 +257,15 @@ def check_exportable(c: GPTConfig) -> None:
 
 def export_gguf(model: GPT, path: str | Path, tokenizer=None, *, dtype: str = "f32", name: str = "ember") -> Path:
     """Write `model` (+ tokenizer: ember's Tokenizer, a plain HF one, or a Llama2cTokenizer) as one GGUF file,
-    atomically.
-    dtype: "f32" or "f16" for the matrices (norm gains stay f32, as llama.cpp keeps them)."""
+    atomically (a temp file renamed when complete: a killed export leaves no model.gguf).
+    dtype: one of GGUF_TYPES; each tensor's own type follows tensor_types (norm gains stay f32, as llama.cpp
+    keeps them)."""
     gguf = _gguf()
     c = model.config
     check_exportable(c)
-    if dtype not in ("f32", "f16"):
-        raise UserError(f"GGUF dtype {dtype!r}: use f32 or f16")
+    check_gguf_type(dtype)
+    tensors = to_gguf_tensors(model)
+    kinds = tensor_types({k: v.shape for k, v in tensors.items()}, dtype, c.n_layer)
     path = Path(path)
     with artifacts.atomic_path(path) as tmp:
         w = gguf.GGUFWriter(str(tmp), "llama")
@@ -95,11 +280,15 @@ def export_gguf(model: GPT, path: str | Path, tokenizer=None, *, dtype: str = "f
         w.add_rope_freq_base(c.rope_theta)
         w.add_layer_norm_rms_eps(c.norm_eps)
         w.add_vocab_size(c.vocab_size)
-        w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
+        w.add_file_type(gguf.LlamaFileType[GGUF_TYPES[dtype][1]])
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         if tokenizer is not None:
             _write_tokenizer(w, gguf, tokenizer, c.vocab_size)
-        for tname, arr in to_gguf_tensors(model).items():
-            w.add_tensor(tname, arr.astype(np.float16) if dtype == "f16" and arr.ndim == 2 else arr)
+        for tname, arr in tensors.items():
+            kind = gguf.GGMLQuantizationType[kinds[tname]]
+            data = quantize(arr, kind.name) if arr.ndim == 2 else arr
+            # block types are raw bytes: the writer needs their GGML type to record the logical shape
+            w.add_tensor(tname, data, raw_dtype=kind if data.dtype == np.uint8 else None)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -195,6 +384,11 @@ def read_gguf(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
             raise UserError(f"{path}: tensor {t.name} is {t.tensor_type.name}, which the gguf package cannot "
                             f"dequantize; use a GGUF in F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q4_K/Q6_K.") from None
     return meta, tensors
+
+
+def read_gguf_types(path: str | Path) -> dict[str, str]:
+    """GGUF tensor name -> its GGML type name as stored (F32, Q4_K, ...), without reading the tensors."""
+    return {t.name: t.tensor_type.name for t in _open(path)[0].tensors}
 
 
 def gguf_param_name(name: str) -> str:

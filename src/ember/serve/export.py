@@ -1,13 +1,15 @@
 """`ember export`: a checkpoint as a Hugging Face folder and/or one GGUF file, each verified by reading it back.
 
     ember export                                   # <run>/sft/final (else pretrain/final) -> <run>/export/{hf/,model.gguf}
-    ember export --checkpoint=runs/a/pretrain/step_000400 --format=gguf --dtype=f16
+    ember export --checkpoint=runs/a/pretrain/step_000400 --format=gguf --gguf_type=f16
+    ember export --format=gguf --gguf_type=q4_k_m        # f32 f16 bf16 q8_0 q6_k q4_0 q4_k q4_k_m, as llama.cpp mixes
     transformers.AutoModelForCausalLM.from_pretrained("runs/default/export/hf")      # or llama.cpp on model.gguf
 
 The HF folder comes from model/hf.py's export_hf (config.json, model.safetensors, tokenizer files); the GGUF
 from model/gguf.py (llama arch, llama.cpp's q/k layout). After writing, both are read back (import_hf; the
 `gguf` package's reader) and every tensor is compared with the checkpoint: the largest difference is a metric
-and anything beyond the dtype's rounding fails the stage.
+and anything beyond the dtype's rounding fails the stage. A quantized GGUF is read back dequantized and each
+tensor's relative RMS error must stay within its type's bound (REL_ERR): a wrong block layout is off by ~100%.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 
 from ember.common import artifacts
@@ -30,14 +33,29 @@ class Config:
     checkpoint: str = ""  # model to export (any format ember serves); "" = <run>/sft/final, else <run>/pretrain/final
     tokenizer: str = ""  # tokenizer.json; "" = beside the checkpoint, else <run>/tokenizer/tokenizer.json
     format: Literal["hf", "gguf", "both"] = "both"  # which files to write
-    dtype: Literal["f32", "f16"] = "f32"  # GGUF matrix precision (f16 halves the file; norms stay f32)
+    gguf_type: Literal["f32", "f16", "bf16", "q8_0", "q6_k", "q4_0", "q4_k", "q4_k_m"] = "f32"  # GGUF matrix type:
+    #   f16/bf16 halve the file, q8_0 ~quarters it, q4_* ~1/7 (bits per weight: 8.5, 6.56, 4.5); norms stay f32
+    dtype: str = ""  # the old name of gguf_type (f32/f16), still read so saved configs and commands replay
     name: str = "ember"  # general.name in the GGUF metadata
 
     def __post_init__(self):
         require(bool(self.name), "name", self.name, "a non-empty model name")
+        if self.dtype:
+            from ember.model.gguf import check_gguf_type
+
+            check_gguf_type(self.dtype)
+            require(self.gguf_type in ("f32", self.dtype), "dtype", self.dtype, f"the old name of gguf_type; "
+                    f"give only --gguf_type (it is {self.gguf_type!r})")
+            self.gguf_type, self.dtype = self.dtype, ""
 
 
 PRESETS = {"quickstart": lambda: Config(), "smoke": lambda: Config(format="gguf")}
+
+
+# largest relative RMS error ||read back - weight|| / ||weight|| a tensor of each stored type may have; measured on
+# SmolLM2-135M the worst tensors are ~1/3 of these (4-bit ~0.1); a layout or permutation bug gives ~1 or more
+REL_ERR = {"F32": 0.0, "F16": 1e-3, "BF16": 8e-3, "Q8_0": 0.02, "Q6_K": 0.06, "Q5_0": 0.12, "Q4_0": 0.25,
+           "Q4_K": 0.25}
 
 
 def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -61,9 +79,10 @@ def main(cfg: Config) -> dict:
     model, tok = load(ckpt, tokenizer=cfg.tokenizer, run=cfg.run)
     model = model.float()
     if cfg.format in ("gguf", "both"):
-        from ember.model.gguf import check_exportable
+        from ember.model.gguf import check_exportable, check_gguf_type
 
-        check_exportable(model.config)  # before the HF folder is written: nothing half-exported
+        check_gguf_type(cfg.gguf_type)  # both before the HF folder is written: nothing half-exported
+        check_exportable(model.config)
     reference = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     metrics: dict = {"params": model.num_params()}
 
@@ -81,19 +100,30 @@ def main(cfg: Config) -> dict:
             metrics["peft_adapter"] = str(adapter)
 
     if cfg.format in ("gguf", "both"):
-        from ember.model.gguf import export_gguf, load_gguf, read_gguf, to_gguf_tensors
+        from ember.model.gguf import export_gguf, load_gguf, read_gguf, read_gguf_types, to_gguf_tensors
 
-        path = export_gguf(model, run.dir / "model.gguf", tok, dtype=cfg.dtype, name=cfg.name)
-        _, tensors = read_gguf(path)  # raw file contents (q/k still in llama.cpp's layout)
-        written = to_gguf_tensors(model)
-        raw = max(float(abs(tensors[k] - written[k]).max()) for k in written)
-        metrics["gguf_max_abs_diff"] = max(raw, max_abs_diff(load_gguf(path)[0].state_dict(), reference))
+        path = export_gguf(model, run.dir / "model.gguf", tok, dtype=cfg.gguf_type, name=cfg.name)
+        _, tensors = read_gguf(path)  # raw file contents, dequantized (q/k still in llama.cpp's layout)
+        written, kinds = to_gguf_tensors(model), read_gguf_types(path)
         metrics["gguf_bytes"] = path.stat().st_size
-        tol = 0.0 if cfg.dtype == "f32" else 1e-2 * max(1.0, max(float(v.abs().max()) for v in reference.values()))
-        if metrics["gguf_max_abs_diff"] > tol:
-            raise UserError(f"export: the GGUF reads back different weights (max diff {metrics['gguf_max_abs_diff']})")
-        print0(f"[export] GGUF {path} ({metrics['gguf_bytes'] / 1e6:.1f} MB, {cfg.dtype}), "
-               f"read back max |diff| {metrics['gguf_max_abs_diff']:.2g}")
+        metrics["gguf_tensor_types"] = {t: sum(v == t for v in kinds.values()) for t in sorted(set(kinds.values()))}
+        if cfg.gguf_type in ("f32", "f16", "bf16"):
+            raw = max(float(abs(tensors[k] - written[k]).max()) for k in written)
+            metrics["gguf_max_abs_diff"] = max(raw, max_abs_diff(load_gguf(path)[0].state_dict(), reference))
+            tol = 0.0 if cfg.gguf_type == "f32" else \
+                1e-2 * max(1.0, max(float(v.abs().max()) for v in reference.values()))
+            if metrics["gguf_max_abs_diff"] > tol:
+                raise UserError(f"export: the GGUF reads back different weights (max diff "
+                                f"{metrics['gguf_max_abs_diff']})")
+        # every type: each tensor's relative RMS error against its stored type's bound
+        errs = {k: float(np.linalg.norm(tensors[k] - w) / max(float(np.linalg.norm(w)), 1e-30)) for k, w in written.items()}
+        metrics["gguf_max_rel_err"] = max(errs.values())
+        bad = [f"{k} ({kinds[k]}: {e:.3g} > {REL_ERR[kinds[k]]})" for k, e in errs.items() if e > REL_ERR[kinds[k]]]
+        if bad:
+            raise UserError(f"export: the {cfg.gguf_type} GGUF reads back weights too far from the checkpoint: "
+                            f"{', '.join(bad[:3])}; this is a bug in ember's GGUF writer, please report it")
+        print0(f"[export] GGUF {path} ({metrics['gguf_bytes'] / 1e6:.1f} MB, {cfg.gguf_type}: "
+               f"{metrics['gguf_tensor_types']}), read back, max relative error {metrics['gguf_max_rel_err']:.2g}")
     return run.finish(metrics)
 
 
