@@ -39,6 +39,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "grpo": ("ember.align.grpo", "RL with verifiable rewards (GRPO) on arithmetic or GSM8K-style tasks"),
     "constitution": ("ember.align.constitutional", "constitutional AI: self-critique SFT data and AI-labelled preference pairs"),
     "serve": ("ember.serve.server", "OpenAI-compatible HTTP API and chat page for a model (127.0.0.1)"),
+    "compress": ("ember.compress.compress", "quantize (int8, w8a8, 4-bit RTN/GPTQ/AWQ) or prune a model, with a size/perplexity report"),
     "export": ("ember.serve.export", "write a checkpoint as an HF folder and/or GGUF, verified by reading back"),
     "eval": ("ember.eval.harness", "benchmarks, perplexity and code pass@k on a checkpoint, with intervals and contamination"),
     "arena": ("ember.eval.arena", "Bradley-Terry / Elo ratings from pairwise votes or an LLM judge"),
