@@ -175,8 +175,11 @@ def prune_2_4(model, calib: torch.Tensor | None = None, score: str = "wanda") ->
         for _, m in prunable(model):
             apply(m, m.weight.abs())
     else:
-        _blockwise(model, calib, lambda i, block, run: [apply(m, m.weight.abs().float() * sq.sqrt()[None, :])
-                                                        for m, sq in _input_sq_norms(block, run).items()])
+        def visit(i, block, run):
+            for m, sq in _input_sq_norms(block, run).items():
+                apply(m, m.weight.abs().float() * sq.sqrt()[None, :])
+
+        _blockwise(model, calib, visit)
     return model, _info("2:4", model, {"score": score})
 
 
@@ -288,7 +291,7 @@ def prune_structured(model, calib: torch.Tensor, heads: float = 0.0, ffn: float 
                         f"channel pruning is for dense models (prune heads or layers, or use unstructured pruning)")
     calib = _check_calib(model, calib)
     before = model.num_params()
-    sd = {k: v for k, v in model.state_dict().items()}
+    sd = dict(model.state_dict())
     info = {"method": "structured", "params_before": before}
 
     # ---- layers: drop the least influential blocks, renumber the rest
