@@ -21,17 +21,11 @@ from ember.model.quant import Int4Linear, int4_codes, int4_dequantize, int4_para
 
 # ---------------------------------------------------------------------------- GPTQ on one matrix
 
-def _group_params(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """int4_params with the scale rounded to the fp16 that Int4Linear stores (codes are rounded against it)."""
-    scale, zero = int4_params(w, group_size)
-    return scale.half().float(), zero
-
-
 def gptq_quantize(w: torch.Tensor, H: torch.Tensor, group_size: int = 64, block_size: int = 128,
                   damp: float = 0.01, act_order: bool = False):
     """GPTQ codes of w (N, K) given H (K, K) = X^T X / n of the layer's inputs (any positive factor).
 
-    Returns (codes uint8 (N, K), scale fp32 (N, K/G), zero (N, K/G)) in Int4Linear's layout. damp: fraction
+    Returns (codes uint8 (N, K), scale fp32 (N, K/G), offset (N, K/G)) in Int4Linear's layout. damp: fraction
     of mean(diag H) added to the diagonal (the paper's 1%) so H is invertible. act_order: columns in order of
     decreasing diag(H) (most salient first); group parameters are then fixed up front from w ("static groups",
     AutoGPTQ) so a group still means G consecutive input columns.
@@ -42,14 +36,14 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, group_size: int = 64, block_
     dead = torch.diag(H) == 0  # inputs that were always zero: their weights do not matter
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    static = _group_params(W, group_size) if act_order else None
+    static = int4_params(W, group_size) if act_order else None
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(K)
     W, H = W[:, perm], H[perm][:, perm]
     Hinv = _inverse_cholesky(H, damp)  # upper Cholesky factor of H^-1: row i = the update of column i
 
     codes = torch.zeros(N, K, dtype=torch.uint8)
     scale = torch.zeros(N, K // group_size)
-    zero = torch.zeros(N, K // group_size)
+    offset = torch.zeros(N, K // group_size)
     block_size = max(block_size, group_size) // group_size * group_size  # a group never straddles two blocks
     for i1 in range(0, K, block_size):
         i2 = min(i1 + block_size, K)
@@ -59,21 +53,21 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, group_size: int = 64, block_
             col = i1 + i
             g = int(perm[col]) // group_size  # the group of this column in the original order
             if static is not None:
-                s, z = static[0][:, g], static[1][:, g]
+                s, m = static[0][:, g], static[1][:, g]
             elif col % group_size == 0:  # a new group: its range from the error-updated weights
-                s, z = _group_params(W1[:, i:i + group_size], group_size)
-                s, z = s[:, 0], z[:, 0]
-                scale[:, g], zero[:, g] = s, z
-            q = torch.clamp(torch.round(W1[:, i] / s) + z, 0, 15)
+                s, m = int4_params(W1[:, i:i + group_size], group_size)
+                s, m = s[:, 0], m[:, 0]
+                scale[:, g], offset[:, g] = s, m
+            q = torch.clamp(torch.round((W1[:, i] - m) / s), 0, 15)
             codes[:, col] = q.to(torch.uint8)
-            err = (W1[:, i] - (q - z) * s) / Hinv1[i, i]
+            err = (W1[:, i] - (q * s + m)) / Hinv1[i, i]
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]  # compensate in the remaining block columns
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # and, lazily, in the columns after the block
     if static is not None:
-        scale, zero = static
+        scale, offset = static
     inv = torch.argsort(perm)
-    return codes[:, inv], scale, zero
+    return codes[:, inv], scale, offset
 
 
 def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
@@ -108,8 +102,8 @@ def awq_scales(X: torch.Tensor, weights: list[torch.Tensor], group_size: int, n_
         s = x_mag ** (j / n_grid)
         s = s / (s.max() * s.min()).sqrt()
         Ws = W * s
-        scale, zero = int4_params(Ws, group_size)
-        Wq = int4_dequantize(int4_codes(Ws, scale, zero, group_size), scale, zero, group_size) / s
+        scale, offset = int4_params(Ws, group_size)
+        Wq = int4_dequantize(int4_codes(Ws, scale, offset, group_size), scale, offset, group_size) / s
         err = float((X @ Wq.t() - ref).square().sum())
         if err < best_err:
             best, best_err = s, err
@@ -167,8 +161,8 @@ def gptq_(model, calib: torch.Tensor, group_size: int = 64, damp: float = 0.01, 
             if count[n] == 0:  # an MoE expert no calibration token reached: round to nearest
                 _swap(block, n, Int4Linear.from_float(m, group_size))
                 continue
-            codes, scale, zero = gptq_quantize(m.weight, H[n] / count[n], group_size, damp=damp, act_order=act_order)
-            _swap(block, n, Int4Linear.from_codes(codes, scale, zero, group_size, m.bias))
+            codes, scale, offset = gptq_quantize(m.weight, H[n] / count[n], group_size, damp=damp, act_order=act_order)
+            _swap(block, n, Int4Linear.from_codes(codes, scale, offset, group_size, m.bias))
 
     _walk_blocks(model, calib, per_block, batch)
     return model
