@@ -118,3 +118,19 @@ def test_a_killed_run_leaves_no_final(run_dir, monkeypatch):
     assert not (out / "compress" / "final").exists()
     assert not artifacts.is_finished(out / "compress")
     assert not [p for p in (out / "compress").iterdir() if p.name.startswith(".final")]  # temp folder removed
+
+
+def test_export_writes_a_quantized_checkpoint_dequantized(run_dir, tmp_path):
+    """`ember export` of a compressed model: the HF folder holds its de-quantized weights (same logits)."""
+    pytest.importorskip("gguf", reason="the gguf package is in the dev extra")
+    from ember.model.hf import import_hf
+    from ember.serve.export import Config as ExportConfig, main as export
+
+    main(cfg(run_dir, method="rtn4"))
+    final = run_dir / "compress" / "final"
+    m = export(ExportConfig(run=str(tmp_path), checkpoint=str(final), format="hf"))
+    assert m["hf_max_abs_diff"] == 0.0
+    q, _ = load(final)
+    x = torch.randint(0, 300, (1, 16))
+    with torch.no_grad():
+        assert float((import_hf(tmp_path / "export" / "hf")(x) - q(x)).abs().max()) < 0.05 * float(q(x).abs().max())

@@ -77,7 +77,9 @@ def main(cfg: Config) -> dict:
     if run.cached:
         return run.metrics
     model, tok = load(ckpt, tokenizer=cfg.tokenizer, run=cfg.run)
-    model = model.float()
+    from ember.model.quant import dequantize_model_
+
+    model = dequantize_model_(model).float()  # an `ember compress` checkpoint: int8/int4 codes -> plain matrices
     if cfg.format in ("gguf", "both"):
         from ember.model.gguf import check_exportable, check_gguf_type
 
