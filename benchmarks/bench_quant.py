@@ -94,7 +94,10 @@ def main() -> None:
             group = int(g or 64)
             model = copy.deepcopy(base)
             with torch.no_grad():
-                if method == "gptq":
+                if method in ("gptq", "gptqa"):  # gptqa: act-order (static groups)
+                    gptq_(model, calib, group, act_order=method == "gptqa")
+                elif method == "awqgptq":  # AWQ's scales folded in, then GPTQ rounds
+                    awq_(model, calib, group, n_grid=10, max_tokens=1024, round_weights=False)
                     gptq_(model, calib, group)
                 elif method == "awq":
                     awq_(model, calib, group, n_grid=10, max_tokens=1024)

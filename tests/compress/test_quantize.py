@@ -59,8 +59,9 @@ def test_int4_linear_matches_dequantized_matmul(group, n_out):
     m = Q.Int4Linear.from_float(lin, group)
     assert m.packed.shape == (n_out, 128) and m.packed.dtype == torch.uint8 and m.scale.shape == (n_out, 256 // group)
     steps = m.scale.float().repeat_interleave(group, dim=1)
-    # min-max grid with a float offset: every weight within half a step (+ the fp16 rounding of scale/offset)
-    assert ((m.weight - lin.weight).abs() <= steps / 2 + 2e-3).all()
+    err = (m.weight - lin.weight).abs()
+    # half a step inside the grid; up to one step at a group's ends (the integer zero-point shifts the grid)
+    assert (err <= steps + 1e-5).all() and (err <= steps / 2 + 1e-5).float().mean() > 0.95
     x = torch.randn(4, 256)
     with torch.no_grad():
         assert rel(m(x), x @ m.weight.t()) < 1e-2
@@ -74,7 +75,7 @@ def test_gptq_beats_rtn_on_correlated_inputs():
     H = X.t() @ X / len(X)
     err = lambda Wq: float((X @ (Wq - W).t()).square().mean())
     s, z = Q.int4_params(W, 32)
-    rtn = err(Q.int4_dequantize(Q.int4_codes(W, s, z, 32), s, z, 32))
+    rtn = err(Q.int4_dequantize(Q.int4_codes(W, s.half().float(), z, 32), s.half().float(), z, 32))
     for act_order in (False, True):
         codes, s2, z2 = gptq_quantize(W, H, 32, act_order=act_order)
         assert codes.max() <= 15 and s2.shape == (64, 4)

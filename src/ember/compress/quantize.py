@@ -21,11 +21,17 @@ from ember.model.quant import Int4Linear, int4_codes, int4_dequantize, int4_para
 
 # ---------------------------------------------------------------------------- GPTQ on one matrix
 
+def _group_params(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """int4_params with the scale rounded to the fp16 that Int4Linear stores (codes are rounded against it)."""
+    scale, zero = int4_params(w, group_size)
+    return scale.half().float(), zero
+
+
 def gptq_quantize(w: torch.Tensor, H: torch.Tensor, group_size: int = 64, block_size: int = 128,
                   damp: float = 0.01, act_order: bool = False):
     """GPTQ codes of w (N, K) given H (K, K) = X^T X / n of the layer's inputs (any positive factor).
 
-    Returns (codes uint8 (N, K), scale fp32 (N, K/G), offset (N, K/G)) in Int4Linear's layout. damp: fraction
+    Returns (codes uint8 (N, K), scale fp32 (N, K/G), zero (N, K/G)) in Int4Linear's layout. damp: fraction
     of mean(diag H) added to the diagonal (the paper's 1%) so H is invertible. act_order: columns in order of
     decreasing diag(H) (most salient first); group parameters are then fixed up front from w ("static groups",
     AutoGPTQ) so a group still means G consecutive input columns.
@@ -36,14 +42,14 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, group_size: int = 64, block_
     dead = torch.diag(H) == 0  # inputs that were always zero: their weights do not matter
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    static = int4_params(W, group_size) if act_order else None
+    static = _group_params(W, group_size) if act_order else None
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(K)
     W, H = W[:, perm], H[perm][:, perm]
     Hinv = _inverse_cholesky(H, damp)  # upper Cholesky factor of H^-1: row i = the update of column i
 
     codes = torch.zeros(N, K, dtype=torch.uint8)
     scale = torch.zeros(N, K // group_size)
-    offset = torch.zeros(N, K // group_size)
+    zero = torch.zeros(N, K // group_size)
     block_size = max(block_size, group_size) // group_size * group_size  # a group never straddles two blocks
     for i1 in range(0, K, block_size):
         i2 = min(i1 + block_size, K)
@@ -53,21 +59,21 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, group_size: int = 64, block_
             col = i1 + i
             g = int(perm[col]) // group_size  # the group of this column in the original order
             if static is not None:
-                s, m = static[0][:, g], static[1][:, g]
+                s, z = static[0][:, g], static[1][:, g]
             elif col % group_size == 0:  # a new group: its range from the error-updated weights
-                s, m = int4_params(W1[:, i:i + group_size], group_size)
-                s, m = s[:, 0], m[:, 0]
-                scale[:, g], offset[:, g] = s, m
-            q = torch.clamp(torch.round((W1[:, i] - m) / s), 0, 15)
+                s, z = _group_params(W1[:, i:i + group_size], group_size)
+                s, z = s[:, 0], z[:, 0]
+                scale[:, g], zero[:, g] = s, z
+            q = torch.clamp(torch.round(W1[:, i] / s) + z, 0, 15)
             codes[:, col] = q.to(torch.uint8)
-            err = (W1[:, i] - (q * s + m)) / Hinv1[i, i]
+            err = (W1[:, i] - (q - z) * s) / Hinv1[i, i]
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]  # compensate in the remaining block columns
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # and, lazily, in the columns after the block
     if static is not None:
-        scale, offset = static
+        scale, zero = static
     inv = torch.argsort(perm)
-    return codes[:, inv], scale, offset
+    return codes[:, inv], scale, zero
 
 
 def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
@@ -102,8 +108,8 @@ def awq_scales(X: torch.Tensor, weights: list[torch.Tensor], group_size: int, n_
         s = x_mag ** (j / n_grid)
         s = s / (s.max() * s.min()).sqrt()
         Ws = W * s
-        scale, offset = int4_params(Ws, group_size)
-        Wq = int4_dequantize(int4_codes(Ws, scale, offset, group_size), scale, offset, group_size) / s
+        scale, zero = int4_params(Ws, group_size)
+        Wq = int4_dequantize(int4_codes(Ws, scale, zero, group_size), scale, zero, group_size) / s
         err = float((X @ Wq.t() - ref).square().sum())
         if err < best_err:
             best, best_err = s, err
@@ -161,8 +167,8 @@ def gptq_(model, calib: torch.Tensor, group_size: int = 64, damp: float = 0.01, 
             if count[n] == 0:  # an MoE expert no calibration token reached: round to nearest
                 _swap(block, n, Int4Linear.from_float(m, group_size))
                 continue
-            codes, scale, offset = gptq_quantize(m.weight, H[n] / count[n], group_size, damp=damp, act_order=act_order)
-            _swap(block, n, Int4Linear.from_codes(codes, scale, offset, group_size, m.bias))
+            codes, scale, zero = gptq_quantize(m.weight, H[n] / count[n], group_size, damp=damp, act_order=act_order)
+            _swap(block, n, Int4Linear.from_codes(codes, scale, zero, group_size, m.bias))
 
     _walk_blocks(model, calib, per_block, batch)
     return model
@@ -170,7 +176,7 @@ def gptq_(model, calib: torch.Tensor, group_size: int = 64, damp: float = 0.01, 
 
 @torch.no_grad()
 def awq_(model, calib: torch.Tensor, group_size: int = 64, n_grid: int = 20, max_tokens: int = 4096,
-         batch: int = 8) -> nn.Module:
+         batch: int = 8, round_weights: bool = True) -> nn.Module:
     """AWQ (in place): per block, search and fold activation-aware scales, then round each Linear to 4 bits.
 
     Scaled groups, as the paper's Llama recipe: q/k/v after attn_norm, gate/up after mlp_norm (the 1/s goes
@@ -178,6 +184,7 @@ def awq_(model, calib: torch.Tensor, group_size: int = 64, n_grid: int = 20, max
     its own value head (with GQA one v row feeds several o columns, so o_proj is rounded as is). MoE experts
     share one norm with different inputs: they are rounded to nearest. max_tokens: calibration tokens kept
     per group for the search (evenly strided), which bounds its cost (n_grid matmuls of max_tokens rows).
+    round_weights=False only folds the scales (the Linears stay float, e.g. for GPTQ to round them next).
     """
     def per_block(block, run):
         attn, mlp = block.attn, block.mlp
@@ -204,8 +211,9 @@ def awq_(model, calib: torch.Tensor, group_size: int = 64, n_grid: int = 20, max
                     prev.bias.div_(s)
             else:  # RMSNorm: y = x / rms * g, so g / s
                 prev.weight.div_(s)
-        for n, m in _linears(block).items():
-            _swap(block, n, Int4Linear.from_float(m, group_size))
+        if round_weights:
+            for n, m in _linears(block).items():
+                _swap(block, n, Int4Linear.from_float(m, group_size))
 
     _walk_blocks(model, calib, per_block, batch)
     return model
