@@ -327,7 +327,7 @@ def _int8_mm(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, cache
 class _Frozen(nn.Module):
     """Shared parts: a bias, the cached kernel layouts (rebuilt after load_state_dict or .to())."""
 
-    def _set_bias(self, bias: torch.Tensor | None, out_features: int, device) -> None:
+    def _set_bias(self, bias: torch.Tensor | None) -> None:
         b = bias.detach().clone().float() if bias is not None else None
         self.register_buffer("bias", b, persistent=b is not None)
         self._cache: dict = {}
@@ -361,7 +361,7 @@ class Int8Linear(_Frozen):
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32, device=device))
-        self._set_bias(torch.zeros(out_features, device=device) if bias else None, out_features, device)
+        self._set_bias(torch.zeros(out_features, device=device) if bias else None)
 
     @classmethod
     def from_float(cls, linear: nn.Linear) -> "Int8Linear":
@@ -410,7 +410,7 @@ class Int4Linear(_Frozen):
         self.register_buffer("packed", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
         self.register_buffer("scale", torch.ones(out_features, n_groups, dtype=torch.float16, device=device))
         self.register_buffer("zero", torch.zeros(out_features, n_groups, dtype=torch.uint8, device=device))
-        self._set_bias(torch.zeros(out_features, device=device) if bias else None, out_features, device)
+        self._set_bias(torch.zeros(out_features, device=device) if bias else None)
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
