@@ -50,7 +50,7 @@ class Config:
     eval_windows: int = 16  # held-out windows for the before/after perplexity (0 = skip)
     seq_len: int = 256  # tokens per window (at most the model's max_seq_len)
     damp: float = 0.01  # GPTQ: fraction of mean(diag H) added to H's diagonal
-    act_order: bool = False  # GPTQ: quantize columns by decreasing Hessian diagonal (static groups)
+    act_order: bool = True  # GPTQ: columns by decreasing Hessian diagonal, static groups (SmolLM2 g64: ppl 33.7 vs 35.6 without)
     awq_grid: int = 20  # AWQ: points of the alpha grid in [0, 1)
     awq_tokens: int = 4096  # AWQ: calibration tokens per scale search (bounds its cost)
     sparsity: float = 0.5  # magnitude/wanda: fraction of each block matrix's weights zeroed
