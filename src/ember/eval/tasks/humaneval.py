@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ember.eval.sandbox import SandboxResult, run_function_tests
+from ember.common.sandbox import SandboxResult, run_function_tests
 from ember.eval.scoring import EvalLM, generate
 from ember.eval.stats import pass_at_k
 from ember.eval.tasks.common import Options, Scored, Task, need, read_rows
