@@ -33,3 +33,59 @@ def test_config_validation():
         grpo.Config(group_size=1)
     with pytest.raises(UserError, match="advantage"):
         grpo.Config(advantage="ppo")
+
+
+# --- code tasks: rewards run in the sandbox ---------------------------------------------------------------
+
+ADD3 = {"prompt": "Write add3(x) returning x + 3.", "entry_point": "add3", "prefix": "",
+        "test": "def check(candidate):\n    assert candidate(2) == 5\n    assert candidate(-1) == 2\n"}
+
+
+def test_code_rewards_pass_right_code_and_nothing_else():
+    from ember.align.data import task_rewards
+
+    replies = [
+        "Here it is:\n```python\ndef add3(x):\n    return x + 3\n```",  # right, fenced
+        "def add3(x):\n    return x + 3\n",  # right, bare
+        "def add3(x):\n    return x\n",  # wrong
+        "class A:\n    def __eq__(self, o):\n        return True\ndef add3(x):\n    return A()\n",  # always-equal
+        "import os\nos._exit(0)\ndef add3(x):\n    return 0\n",  # exits before the tests
+        "def add3(x):\n    import sys\n    f = sys._getframe()\n    while f.f_back: f = f.f_back\n"
+        "    f.f_globals['__builtins__'].AssertionError = StopIteration\n    return 0\n",  # patches builtins
+        "def add3(x):\n    return open('/etc/passwd').read()\n",  # reads the host
+    ]
+    assert task_rewards([ADD3] * len(replies), replies, timeout=5) == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    mixed = task_rewards([{"prompt": "2+2?", "answer": "4"}, ADD3], ["4", "def add3(x): return x + 3"])
+    assert mixed == [1.0, 1.0]
+
+
+def test_grpo_runs_code_tasks_through_the_sandbox(run_dir, tmp_path, monkeypatch):
+    import json
+
+    from ember.common import sandbox
+
+    tasks = [{**ADD3, "prompt": f"Task {i}: write add3(x) returning x + 3."} for i in range(12)]
+    data = tmp_path / "code.jsonl"
+    data.write_text("".join(json.dumps(t) + "\n" for t in tasks))
+    calls = []
+    real = sandbox.run_function_tests
+    monkeypatch.setattr(sandbox, "run_function_tests", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    m = grpo.main(grpo.Config(run=str(run_dir), data=str(data), steps=2, prompts_per_step=2, group_size=2, n_val=4,
+                              max_new_tokens=8, eval_every=0, device="cpu"))
+    assert len(calls) == 2 * 2 * 2 + 2 * 4 and set(calls) == {"add3"}  # every rollout and held-out reply
+    assert 0.0 <= m["val_accuracy"] <= 1.0
+    meta = json.loads((run_dir / "grpo" / "meta.json").read_text())
+    assert "seccomp" in meta["sandbox"]["layers"] or meta["sandbox"]["missing"]
+
+
+def test_grpo_refuses_code_tasks_in_a_weak_sandbox(tmp_path, monkeypatch):
+    from ember.common import sandbox
+
+    monkeypatch.setattr(sandbox, "status", lambda: {"layers": ["guard"], "missing": {"bwrap": "not installed"},
+                                                    "strong": False})
+    cfg = grpo.Config(data="unused")
+    with pytest.raises(UserError, match="allow_weak_sandbox"):
+        grpo.check_sandbox([ADD3], cfg)
+    cfg.allow_weak_sandbox = True
+    assert grpo.check_sandbox([ADD3], cfg)["missing"] == {"bwrap": "not installed"}
+    assert grpo.check_sandbox([{"prompt": "1+1", "answer": "2"}], grpo.Config()) is None

@@ -84,3 +84,25 @@ def test_default_checkpoint_prefers_finished_sft(tmp_path):
     (tmp_path / "sft" / "final").mkdir(parents=True)
     (tmp_path / "sft" / "meta.json").write_text(json.dumps({"stage": "sft", "status": "finished"}))
     assert harness.default_checkpoint(tmp_path) == tmp_path / "sft" / "final"
+
+
+def test_code_tasks_are_refused_in_a_weak_sandbox(stories_model, tmp_path, monkeypatch):
+    """Where the sandbox lacks its namespaces and syscall filter, humaneval is skipped with the reason (or is an
+    error with --skip_missing=false) unless --allow_weak_sandbox=true; the layers in force are recorded."""
+    from ember.common import sandbox
+
+    datasets_or_skip("humaneval", "HumanEval.jsonl.gz")
+    weak = {"layers": ["RLIMIT_AS", "guard"], "missing": {"bwrap": "bubblewrap is not installed"}, "strong": False}
+    monkeypatch.setattr(sandbox, "status", lambda: weak)
+    model, tok = stories_model
+    kw = dict(checkpoint=str(model), tokenizer=str(tok), tasks=["humaneval"], limit=2, max_new_tokens=8,
+              bootstrap=0, contamination=False)
+    harness.main(harness.Config(run=str(tmp_path / "a"), **kw))
+    res = json.loads((tmp_path / "a" / "eval" / "results.json").read_text())
+    assert "allow_weak_sandbox" in res["tasks"]["humaneval"]["skipped"] and "bubblewrap" in res["tasks"]["humaneval"]["skipped"]
+    assert res["sandbox"]["missing"] == weak["missing"]
+    with pytest.raises(UserError, match="allow_weak_sandbox"):
+        harness.main(harness.Config(run=str(tmp_path / "b"), skip_missing=False, **kw))
+    harness.main(harness.Config(run=str(tmp_path / "c"), allow_weak_sandbox=True, **kw))
+    res = json.loads((tmp_path / "c" / "eval" / "results.json").read_text())
+    assert res["tasks"]["humaneval"]["n"] == 2 and res["code sandbox"] == "RLIMIT_AS, guard"

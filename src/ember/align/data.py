@@ -1,7 +1,8 @@
 """Preference and RL data: loaders for the fixed formats, real-data converters, and no-download defaults.
 
 Preferences = `{"prompt", "chosen", "rejected"}` (prompt: a string, or a list of {"role","content"} turns);
-RL tasks = `{"prompt", "answer"}`. `load_preferences` also reads hh-rlhf dialogues and OpenAssistant trees,
+RL tasks = `{"prompt", "answer"}`, or code tasks `{"prompt", "entry_point", "test"}` (+ optional "prefix") whose
+reward runs the reply in the sandbox (common/sandbox). `load_preferences` also reads hh-rlhf dialogues and OpenAssistant trees,
 `load_tasks` also reads GSM8K. Every loader reads JSONL, JSON, Parquet or a dataset as hf:NAME[[:CONFIG]:SPLIT]
 (common/records.py). Defaults that need no download: `stdlib_pairs` (real Python from the
 running interpreter's stdlib vs a corrupted copy) and `arithmetic_tasks` (exact-answer arithmetic).
@@ -314,12 +315,20 @@ def load_tasks(path: str | Path) -> list[dict]:
                 tasks.append({"prompt": rec["question"], "answer": gsm8k_answer(str(rec["answer"]))})
             except ValueError:
                 raise UserError(f"{where}: GSM8K answer without '#### <number>'") from None
+        elif "prompt" in rec and "entry_point" in rec and "test" in rec:  # code: the reply must pass `test`
+            check_prompt(rec["prompt"], where)
+            for key in ("entry_point", "test", "prefix"):
+                if not isinstance(rec.get(key, ""), str):
+                    raise UserError(f"{where}: {key} must be a string (Python source), got {type(rec[key]).__name__}")
+            tasks.append({"prompt": rec["prompt"], "entry_point": rec["entry_point"], "test": rec["test"],
+                          "prefix": rec.get("prefix", "")})
         elif "prompt" in rec and "answer" in rec:
             check_prompt(rec["prompt"], where)
             tasks.append({"prompt": rec["prompt"], "answer": str(rec["answer"]).strip()})
         else:
             raise UserError(f"{where}: an RL task needs keys prompt and answer (or GSM8K's question and "
-                            f"answer); this record has {', '.join(sorted(rec)) or 'none'}")
+                            f"answer, or prompt, entry_point and test for code); this record has "
+                            f"{', '.join(sorted(rec)) or 'none'}")
     if not tasks:
         raise UserError(f"{path}: no tasks found")
     return tasks
@@ -351,3 +360,38 @@ def exact_match(completion: str, answer: str) -> bool:
     """Verifiable reward: the completion's final number equals the reference answer exactly."""
     got = extract_answer(completion)
     return got is not None and got == _normalize(answer.strip())
+
+
+_FENCE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)(?:```|$)", re.S)
+
+
+def extract_code(completion: str) -> str:
+    """The program in a reply: the first fenced block if there is one, else the whole reply."""
+    m = _FENCE.search(completion)
+    return m.group(1) if m else completion
+
+
+def code_passes(task: dict, completion: str, timeout: float = 5.0) -> bool:
+    """Verifiable reward for code: the reply (after the task's prefix) defines `entry_point`, and the task's
+    `test` (which defines check(candidate), as HumanEval) passes against it -- run in the sandbox, with a verdict
+    the reply cannot forge (the tests run in a second sandbox; the reply only answers calls with plain data)."""
+    from ember.common.sandbox import run_function_tests
+
+    code = task.get("prefix", "") + extract_code(completion)
+    return run_function_tests(code, task["entry_point"], task["test"], timeout=timeout).passed
+
+
+def task_rewards(tasks: list[dict], completions: list[str], timeout: float = 5.0, workers: int = 2) -> list[float]:
+    """1.0 / 0.0 per (task, completion): exact answer for answer tasks, sandboxed tests for code tasks (run
+    `workers` at a time: each waits on its own sandbox)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(pair):
+        t, c = pair
+        return float(code_passes(t, c, timeout) if "test" in t else exact_match(c, t["answer"]))
+
+    pairs = list(zip(tasks, completions))
+    if workers <= 1 or not any("test" in t for t in tasks):
+        return [one(p) for p in pairs]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(one, pairs))

@@ -3,9 +3,11 @@
     ember grpo                                                 # <run>/sft/final on generated arithmetic
     ember grpo --data=../shared/datasets/gsm8k/train.jsonl --max_new_tokens=256
     ember grpo --lora_r=8 --advantage=dr_grpo
+    ember grpo --data=code_tasks.jsonl --max_new_tokens=256      # {"prompt","entry_point","test"}: rewards run in the sandbox
 
 Each step samples `group_size` replies per prompt from the policy (KV-cache sampling), rewards each 1/0 by
-exact match of its final number with the task's answer, and normalizes rewards within the group (no value
+exact match of its final number with the task's answer (or, for code tasks, by the task's tests passing against
+the reply in the code sandbox, common/sandbox), and normalizes rewards within the group (no value
 model: the group mean is the baseline). The loss is PPO's clipped surrogate plus a k3 KL penalty to the
 frozen reference (align/losses.py: grpo_loss). Reports held-out exact-answer accuracy (greedy decoding)
 before and after. Writes `<run>/grpo/final/` (LoRA merged; adapter.safetensors beside it).
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ember.align import losses
-from ember.align.data import arithmetic_tasks, data_inputs, exact_match, load_tasks, prompt_key
+from ember.align.data import arithmetic_tasks, data_inputs, load_tasks, prompt_key, task_rewards
 from ember.align.rollout import (TEMPLATES, PolicyWithReference, begin_stage, collate, decode_response, encode_prompt,
                                  generate, keep_end, load_lm, prompt_budget, stop_ids, token_logps)
 from ember.common.config import require
@@ -65,6 +67,9 @@ class Config:
     eval_every: int = 50  # steps between held-out evaluations (0 = only at the start and end)
     seed: int = 0  # tasks, sampling, LoRA init
     device: str = "auto"  # cpu, cuda, mps or auto
+    sandbox_timeout: float = 5.0  # code tasks: wall-clock seconds per reply's test run in the sandbox
+    sandbox_workers: int = 2  # code tasks: sandboxed test runs at once
+    allow_weak_sandbox: bool = False  # code tasks: run replies even where bubblewrap/seccomp are missing (unsafe)
 
     def __post_init__(self):
         require(self.template in TEMPLATES, "template", self.template, f"one of {', '.join(TEMPLATES)}")
@@ -79,6 +84,8 @@ class Config:
                 "kl_coef >= 0 and temperature > 0")
         require(self.lr > 0, "lr", self.lr, "a float > 0")
         require(self.lora_r >= 0, "lora_r", self.lora_r, "0 (full fine-tuning) or a rank >= 1")
+        require(self.sandbox_timeout > 0 and self.sandbox_workers >= 1, "sandbox_timeout/sandbox_workers",
+                (self.sandbox_timeout, self.sandbox_workers), "timeout > 0 seconds and workers >= 1")
 
 
 PRESETS = {
@@ -107,11 +114,33 @@ def split_tasks(cfg: Config) -> tuple[list[dict], list[dict]]:
 
 @torch.no_grad()
 def accuracy(model, tok, tasks: list[dict], cfg: Config, device) -> float:
-    """Share of tasks whose greedy reply has the exact answer."""
+    """Share of tasks whose greedy reply is right (the exact answer, or code that passes the task's tests)."""
     keep = prompt_budget(model, cfg.max_prompt_len, cfg.max_new_tokens)
     prompts = [keep_end(encode_prompt(tok, t["prompt"], cfg.template), keep) for t in tasks]
     replies = generate(model, prompts, cfg.max_new_tokens, stop_ids(tok, cfg.template), temperature=0.0)
-    return sum(exact_match(decode_response(tok, r, cfg.template), t["answer"]) for r, t in zip(replies, tasks)) / len(tasks)
+    return sum(rewards(tasks, [decode_response(tok, r, cfg.template) for r in replies], cfg)) / len(tasks)
+
+
+def rewards(tasks: list[dict], completions: list[str], cfg: Config) -> list[float]:
+    return task_rewards(tasks, completions, cfg.sandbox_timeout, cfg.sandbox_workers)
+
+
+def check_sandbox(tasks: list[dict], cfg: Config) -> dict | None:
+    """For code tasks: the sandbox's layers (recorded with the run); refuses a weak sandbox unless allowed."""
+    if not any("test" in t for t in tasks):
+        return None
+    from ember.common import sandbox
+
+    status = sandbox.status()
+    print0(f"[grpo] code rewards run in the sandbox: {', '.join(status['layers'])}")
+    if not status["strong"]:
+        why = "; ".join(f"{k}: {v}" for k, v in status["missing"].items())
+        if not cfg.allow_weak_sandbox:
+            raise UserError(f"data={cfg.data} holds code tasks, whose rewards run model-written code, but the sandbox "
+                            f"here lacks its strong layers ({why}). Install them, or pass --allow_weak_sandbox=true "
+                            f"to run it anyway")
+        print0(f"[grpo] warning: running model-written code in a weak sandbox ({why})")
+    return {"layers": status["layers"], "missing": status["missing"]}
 
 
 def main(cfg: Config) -> dict:
@@ -127,6 +156,7 @@ def main(cfg: Config) -> dict:
 
     train, val = split_tasks(cfg)
     print0(f"[grpo] {len(train)} train / {len(val)} held-out tasks from {cfg.data}")
+    sandbox_layers = check_sandbox(train + val, cfg)
     pr = PolicyWithReference(lm, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets)
     policy = pr.model.train()
     keep = prompt_budget(policy, cfg.max_prompt_len, cfg.max_new_tokens)
@@ -147,10 +177,9 @@ def main(cfg: Config) -> dict:
         prompts = [keep_end(encode_prompt(tok, t["prompt"], cfg.template), keep) for t in tasks]
         prompts = [p for p in prompts for _ in range(cfg.group_size)]
         replies = generate(policy, prompts, cfg.max_new_tokens, stop, cfg.temperature, cfg.top_k, generator=gen)
-        answers = [t["answer"] for t in tasks for _ in range(cfg.group_size)]
-        rewards = torch.tensor([float(exact_match(decode_response(tok, r, cfg.template), a))
-                                for r, a in zip(replies, answers)])
-        adv = advantage_fn(rewards, cfg.group_size).to(device)  # (N,)
+        group_tasks = [t for t in tasks for _ in range(cfg.group_size)]
+        reward_t = torch.tensor(rewards(group_tasks, [decode_response(tok, r, cfg.template) for r in replies], cfg))
+        adv = advantage_fn(reward_t, cfg.group_size).to(device)  # (N,)
         batch = collate(prompts, replies, tok.pad_id).to(device)
         with torch.no_grad():
             old = token_logps(policy.eval(), batch, temperature=cfg.temperature)
@@ -168,7 +197,7 @@ def main(cfg: Config) -> dict:
             torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
             opt.step()
 
-        reward = rewards.mean().item()
+        reward = reward_t.mean().item()
         rewards_seen.append(reward)
         length = batch.mask.sum(1).mean().item()
         metrics_log.log(step, loss=loss.item(), reward=reward, kl=kl.item(), clip_frac=clip_frac.item(),
@@ -186,6 +215,8 @@ def main(cfg: Config) -> dict:
     metrics_log.close()
     print0(f"[grpo] held-out exact-answer accuracy {acc_before:.3f} -> {acc_after:.3f} on {len(val)} tasks")
     pr.save(run.dir / "final")
+    if sandbox_layers:
+        run.meta["sandbox"] = sandbox_layers  # which layers held the model-written code, in the run's lineage
     k = max(1, len(rewards_seen) // 5)
     return run.finish({
         "val_accuracy": acc_after, "val_accuracy_before": acc_before, "val_tasks": len(val),

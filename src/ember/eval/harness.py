@@ -67,6 +67,7 @@ class Config:
     contamination: bool = True  # count eval items that share word n-grams with this run's training data
     contamination_n: int = 13  # n-gram length in words (GPT-3's choice)
     skip_missing: bool = True  # skip (and record) a task whose data is absent instead of failing the stage
+    allow_weak_sandbox: bool = False  # run model-written code (humaneval) even where bubblewrap/seccomp are missing
 
     def __post_init__(self):
         require(bool(self.tasks), "tasks", self.tasks, f"a non-empty list of {', '.join(ALL_TASKS)}")
@@ -172,6 +173,27 @@ def add_contamination(results: dict, items_by_task: dict, metas: list[dict], n: 
     return {"sources": [str(p) for p in sources], "seconds": round(time.perf_counter() - t0, 3), "n": n}
 
 
+def code_sandbox(cfg: Config, code_tasks: list[str]) -> dict | None:
+    """The sandbox's layers when model-written code will run (printed, and recorded in results.json). Without its
+    strong layers (bubblewrap namespaces + seccomp) the code tasks are refused -- skipped with the reason, or an
+    error when --skip_missing=false -- unless --allow_weak_sandbox=true."""
+    if not code_tasks:
+        return None
+    from ember.common import sandbox
+
+    status = sandbox.status()
+    out = {"layers": status["layers"], "missing": status["missing"]}
+    print0(f"[eval] code sandbox: {', '.join(status['layers']) or 'none'}"
+           + "".join(f"\n[eval]   missing {k}: {v}" for k, v in status["missing"].items()))
+    if not status["strong"] and not cfg.allow_weak_sandbox:
+        why = "; ".join(f"{k}: {v}" for k, v in status["missing"].items()) or "the sandbox did not start"
+        out["refused"] = (f"model-written code is not run without the sandbox's namespaces and syscall filter ({why}); "
+                          f"install them or pass --allow_weak_sandbox=true")
+        if not cfg.skip_missing:
+            raise UserError(f"{', '.join(code_tasks)}: {out['refused']}")
+    return out
+
+
 def main(cfg: Config) -> dict:
     from ember.eval.scoring import default_device, load_lm
     from ember.model.load import find_tokenizer
@@ -185,6 +207,7 @@ def main(cfg: Config) -> dict:
     if missing and not cfg.skip_missing:
         raise UserError(f"eval data not found: {', '.join(f'{n} at {p}' for n, p in missing)}. Set --data_dir, "
                         f"pass name:PATH, or --skip_missing=true")
+    sandbox_status = code_sandbox(cfg, [n for n, p, _, _ in specs if get(n).kind == "code" and (is_hf(p) or p.exists())])
     # data files are inputs too, so a changed benchmark file reruns the stage
     inputs = {"checkpoint": ckpt, **({"tokenizer": tok} if tok else {}),
               **{f"data_{n}": input_identity(p) if is_hf(p) else p for n, p, _, _ in specs if is_hf(p) or p.exists()}}
@@ -200,6 +223,10 @@ def main(cfg: Config) -> dict:
         if not is_hf(path) and not path.exists():
             results[name] = {"skipped": f"no data at {path}"}
             print0(f"[eval] {name}: skipped (no data at {path})")
+            continue
+        if get(name).kind == "code" and sandbox_status and sandbox_status.get("refused"):
+            results[name] = {"skipped": sandbox_status["refused"]}
+            print0(f"[eval] {name}: skipped ({sandbox_status['refused']})")
             continue
         rec, per_item, items = evaluate_task(lm, name, path, pool, cfg, load)
         results[name], items_by_task[name] = rec, items
@@ -217,7 +244,10 @@ def main(cfg: Config) -> dict:
     header = {"checkpoint": str(ckpt), "tokenizer": str(getattr(lm.tokenizer, "path", None) or "inside the model file"),
               "BOS before each sequence": lm.add_bos, "device": device, "seed": cfg.seed,
               "bootstrap resamples": cfg.bootstrap, "contamination sources": len(contam.get("sources", []))}
-    artifacts.write_json(run.dir / "results.json", {**header, "contamination": contam, "tasks": results,
+    if sandbox_status:
+        header["code sandbox"] = ", ".join(sandbox_status["layers"]) or "none"
+    artifacts.write_json(run.dir / "results.json", {**header, "sandbox": sandbox_status, "contamination": contam,
+                                                    "tasks": results,
                                                     "config": dataclasses.asdict(cfg)})
     artifacts.write_text(run.dir / "report.md", report.render(results, header))
     metrics = {f"{t}/{m}": v for t, r in results.items() if "metrics" in r for m, v in r["metrics"].items()}
