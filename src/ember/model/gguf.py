@@ -10,9 +10,8 @@ Written the way llama.cpp's convert_hf_to_gguf.py writes a Llama: tensor names t
 byte-level BPE as tokenizer.ggml.model "gpt2" (+ the exact tokenizer.json under "ember.tokenizer_json"),
 SentencePiece-style vocabularies (llama2.c) as "llama" with scores.
 Quantized types pick each tensor's type as llama.cpp's `llama-quantize` does (tensor_types) and write the
-block formats of ggml-quants.c: Q8_0 through the `gguf` package; Q4_K/Q6_K (which it only reads) in numpy
-below with the steps of ggml's reference quantizers; Q4_0/Q5_0 with a per-block scale search (see
-quantize_q4_0_q5_0), which the reference llama-quantize runs without an importance matrix does not do.
+block formats of ggml-quants.c: Q8_0/Q4_0/Q5_0 through the `gguf` package, Q4_K/Q6_K (which it only reads)
+in numpy below.
 """
 
 from __future__ import annotations
@@ -177,14 +176,14 @@ def quantize_q4_k(x: np.ndarray) -> np.ndarray:
     return np.concatenate([d.view(np.uint8).reshape(n, 2), dmin.view(np.uint8).reshape(n, 2), sc, qs], axis=1)
 
 
-def _fit_symmetric(x: np.ndarray, nmax: int, w: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Per row of x (m, n): signed levels L in -nmax..nmax-1 and a scale with x ~ scale*L, minimizing the
-    w-weighted squared error (default w = x^2: ggml's make_qx_quants, rmse_type 1): the grid through the largest
-    |x| and 18 stretched ones (nmax +- 0.1*i), each with its least-squares scale. Returns (scale (m,), L float)."""
+def _fit_symmetric(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of x (m, 16): signed levels L in -nmax..nmax-1 and a scale with x ~ scale*L, minimizing the
+    x^2-weighted squared error (ggml's make_qx_quants, rmse_type 1): the grid through the largest |x| and 18
+    stretched ones (nmax +- 0.1*i), each with its least-squares scale. Returns (scale (m,), L (m, 16) float)."""
     big = np.take_along_axis(x, np.abs(x).argmax(1)[:, None], 1)[:, 0]
     zero = np.abs(big) < 1e-15
     big = np.where(zero, 1, big)
-    w = x * x if w is None else w
+    w = x * x
 
     def grid(k):
         L = np.clip(np.rint(-(nmax + 0.1 * k) / big[:, None] * x), -nmax, nmax - 1)
@@ -200,28 +199,6 @@ def _fit_symmetric(x: np.ndarray, nmax: int, w: np.ndarray | None = None) -> tup
         scale = np.where(better, a / np.where(b > 0, b, 1), scale)
         best = np.where(better, scale * a, best)
     return np.where(zero, 0, scale).astype(np.float32), np.where(zero[:, None], 0, L)
-
-
-def quantize_q4_0_q5_0(x: np.ndarray, bits: int) -> np.ndarray:
-    """(rows, cols) fp32 -> Q4_0 (bits 4: d fp16, 16 bytes of nibbles) or Q5_0 (bits 5: d, 4 bytes of 5th bits,
-    16 bytes of nibbles) blocks of 32, weight = d*(L - 2^(bits-1)). ggml's reference (and the gguf package) takes
-    d = max/-2^(bits-1), which puts the largest weight exactly on a level and rounds the other 31 coarsely;
-    here d is fit per block (_fit_symmetric) to the error weighted by sqrt(mean x^2 of the row + x^2), the
-    weighting llama.cpp's own searched Q4_0/Q5_0 (used only with an importance matrix) gives each weight."""
-    rows, n = x.shape[0], x.size // 32
-    w = np.sqrt((x * x).mean(1, keepdims=True) + x * x).reshape(n, 32)
-    nmax = 1 << (bits - 1)
-    scale, L = _fit_symmetric(x.reshape(n, 32), nmax, w)
-    d = scale.astype(np.float16)
-    with np.errstate(divide="ignore", invalid="ignore"):  # re-round against d as stored (fp16)
-        L2 = np.clip(np.rint(x.reshape(n, 32) / d.astype(np.float32)[:, None]), -nmax, nmax - 1)
-    L = (np.where(d[:, None] != 0, L2, L) + nmax).astype(np.uint8)
-    qs = (L[:, :16] & 0xF) | (L[:, 16:] & 0xF) << 4  # weights j and j+16 share a byte
-    parts = [d.view(np.uint8).reshape(n, 2)]
-    if bits == 5:  # the 5th bits, weight j at bit j of a little-endian uint32
-        qh = ((L >> 4).astype(np.uint32) << np.arange(32, dtype=np.uint32)).sum(1, dtype=np.uint32)
-        parts.append(qh.astype("<u4").view(np.uint8).reshape(n, 4))
-    return np.concatenate(parts + [qs], axis=1).reshape(rows, -1)
 
 
 def quantize_q6_k(x: np.ndarray) -> np.ndarray:
@@ -251,21 +228,21 @@ def quantize_q6_k(x: np.ndarray) -> np.ndarray:
 
 def quantize(x: np.ndarray, kind: str) -> np.ndarray:
     """(rows, cols) fp32 -> the tensor's bytes in GGML type `kind`: fp32/fp16 arrays, else (rows, bytes per row)
-    uint8. F16/BF16/Q8_0 by the `gguf` package (bit-exact with ggml's reference); Q4_K and Q6_K (which it only
-    dequantizes) and Q4_0/Q5_0 (searched scales, better than its max-based ones) above, ~512k weights at a time
-    to bound the temporaries."""
+    uint8. The `gguf` package quantizes F16/BF16/Q8_0/Q4_0/Q5_0 (bit-exact with ggml's reference); Q4_K and Q6_K,
+    which it only dequantizes, are quantized above, 16k super-blocks at a time to bound the temporaries.
+    Tried and dropped: fitting each Q4_0/Q5_0 block's scale by weighted least squares (make_qx_quants with
+    weights sqrt(mean x^2 + x^2), llama.cpp's imatrix-free weighting) lowered SmolLM2-135M's tensor errors ~10%
+    but raised its Q4_0 perplexity 31.07 -> 31.84 (benchmarks/bench_gguf_quant.py): the max-based scale keeps
+    each block's largest weight exact, and those outliers matter more than the mean squared error."""
     from gguf import GGMLQuantizationType
     from gguf.quants import quantize as gguf_quantize
 
     x = np.ascontiguousarray(x, dtype=np.float32)
-    fn = {"Q4_K": quantize_q4_k, "Q6_K": quantize_q6_k, "Q4_0": lambda r: quantize_q4_0_q5_0(r, 4),
-          "Q5_0": lambda r: quantize_q4_0_q5_0(r, 5)}.get(kind)
-    if fn is None:
+    if kind not in ("Q4_K", "Q6_K"):
         return gguf_quantize(x, GGMLQuantizationType[kind])
-    k_quant = kind in ("Q4_K", "Q6_K")
-    rows = x.reshape(-1, QK_K) if k_quant else x  # K-quant super-blocks are independent; Q4_0/Q5_0 use row stats
-    step = max(1, (1 << 19) // rows.shape[1])
-    out = np.concatenate([fn(rows[i:i + step]) for i in range(0, len(rows), step)])
+    fn = quantize_q4_k if kind == "Q4_K" else quantize_q6_k
+    blocks = x.reshape(-1, QK_K)
+    out = np.concatenate([fn(blocks[i:i + 16384]) for i in range(0, len(blocks), 16384)])
     return out.reshape(x.shape[0], -1)
 
 
