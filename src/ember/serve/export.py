@@ -118,7 +118,8 @@ def main(cfg: Config) -> dict:
                 raise UserError(f"export: the GGUF reads back different weights (max diff "
                                 f"{metrics['gguf_max_abs_diff']})")
         # every type: each tensor's relative RMS error against its stored type's bound
-        errs = {k: float(np.linalg.norm(tensors[k] - w) / max(float(np.linalg.norm(w)), 1e-30)) for k, w in written.items()}
+        errs = {k: float(np.linalg.norm(tensors[k] - w) / max(float(np.linalg.norm(w)), 1e-30))
+                for k, w in written.items()}
         metrics["gguf_max_rel_err"] = max(errs.values())
         bad = [f"{k} ({kinds[k]}: {e:.3g} > {REL_ERR[kinds[k]]})" for k, e in errs.items() if e > REL_ERR[kinds[k]]]
         if bad:
