@@ -72,6 +72,29 @@ def test_a_program_cannot_rewrite_its_isolation_record(path):
     assert "seccomp" in res.isolation, res.isolation  # what the child really reported is kept
 
 
+# The program's stdout/stderr are the SAME open file description as the harness's TemporaryFile objects, so file
+# status flags it sets with fcntl(F_SETFL) are the harness's too: with O_DIRECT, the harness's buffered read of the
+# output fails with EINVAL and run_code / run_function_tests RAISE instead of returning a verdict.
+O_DIRECT = ("import os, fcntl\n"
+            "for fd in (1, 2):\n"
+            "    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_DIRECT)\n")
+
+
+@pytest.mark.xfail(strict=True, reason="HOLE: fcntl(1/2, F_SETFL, O_DIRECT) on the shared open file description makes "
+                   "the harness's read of the output raise OSError(EINVAL): one completion crashes the eval / GRPO step")
+@pytest.mark.parametrize("path", ["run_code", "run_function_tests", "grpo_code_passes"])
+def test_a_program_cannot_make_the_harness_raise(path):
+    wrong = O_DIRECT + "def add(a, b):\n    return 0\n"
+    test = "def check(f):\n    assert f(1, 2) == 3\n"
+    if path == "run_code":
+        assert not run_code(O_DIRECT + "raise SystemExit(1)\n").passed
+    elif path == "run_function_tests":
+        assert not run_function_tests(wrong, "add", test).passed
+    else:
+        from ember.align.data import code_passes
+        assert code_passes({"entry_point": "add", "test": test}, "```python\n" + wrong + "```") is False
+
+
 INOTIFY = r'''
 import os, select, ctypes, time, struct
 libc = ctypes.CDLL(None, use_errno=True)
