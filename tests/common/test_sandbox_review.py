@@ -9,18 +9,21 @@ Everything is small: a few sandbox runs of a few seconds, allocations of tens of
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from ember.common import sandbox
 from ember.common.sandbox import run_code, run_function_tests
 
+REPO = Path(__file__).resolve().parents[2]
 STRONG = sandbox.status()["strong"]
 pytestmark = pytest.mark.skipif(not STRONG, reason="bubblewrap + seccomp are not in force here; sandbox.status()")
 
@@ -122,6 +125,19 @@ def test_a_stale_cgroup_of_a_dead_harness_does_not_break_a_new_one():
         pytest.skip("no cgroups here")
     out = subprocess.run([sys.executable, "-c", STALE_CGROUP], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "passed", out.stdout + out.stderr[-500:]
+
+
+@pytest.mark.xfail(strict=True, reason="HOLE (weak mode): without bubblewrap, run_code never asks for Landlock's read "
+                   "restriction (only run_function_tests passes restrict_reads), so a program reads any host file the "
+                   "sandbox uid can: here the HumanEval answer key; docs/stages/sandbox.md says landlock-read hides them")
+def test_without_bwrap_run_code_cannot_read_host_files(monkeypatch):
+    from ember.common.sandbox import layers
+    if os.geteuid() != 0:
+        pytest.skip("the fallback's uid drop needs root")
+    key = str(REPO / "pyproject.toml")  # the project (world-readable here, as are the datasets)
+    monkeypatch.setattr(layers, "_machine", dataclasses.replace(layers.machine(), bwrap=None))
+    res = run_code(f"print(len(open({key!r}).read()))", guard=False)
+    assert not res.passed, (res.stdout, res.isolation)
 
 
 INOTIFY = r'''
