@@ -57,7 +57,7 @@ def score(path: Path, wins: list[list[int]], threads: int) -> tuple[float, np.nd
         llm.reset()
         llm.eval(w)
         logits = np.asarray(llm.scores[:length - 1], dtype=np.float64)  # (length-1, vocab): predictions of w[1:]
-        first = np.asarray(llm.scores[:length], dtype=np.float32) if first is None else first
+        first = np.array(llm.scores[:length], dtype=np.float32) if first is None else first  # a copy: reused buffer
         logz = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
         nll += float((logz - logits[np.arange(length - 1), w[1:]]).sum())
         count += length - 1
