@@ -1,8 +1,11 @@
-"""Hostile review of the code sandbox (issue 17 follow-up): holes that still get through, and forgeries that do not.
+"""Hostile review of the code sandbox (issue 17 follow-up): the holes it found, now closed, and the attacks that
+were contained from the start.
 
-The tests marked xfail(strict=True) each demonstrate a hole as the sandbox stands: they assert the SAFE outcome,
-so they fail now and flip to passing (turning the strict xfail into an error that says "remove the mark") once
-the hole is fixed. The unmarked tests pin attacks that are contained, so a fix cannot reopen them.
+Each hole test asserts the SAFE outcome of an attack that once got through: host-disk blocks by fallocate on the
+output file, a forged isolation record by pwrite, a harness crash by O_DIRECT on the shared output description
+(the outputs are pipes now), a stale cgroup name of a dead harness, run_code reading host files without bwrap,
+inotify on the read-only stdlib. The rest pin forgeries through the codec and the pipes, so a fix cannot reopen
+them.
 
 Everything is small: a few sandbox runs of a few seconds, allocations of tens of MB.
 """
@@ -48,23 +51,17 @@ def _host_bytes(stdout: str) -> int:
     return int(blocks) if int(dev) == os.stat(tempfile.gettempdir()).st_dev else 0
 
 
-@pytest.mark.xfail(strict=True, reason="HOLE: the sandbox's stdout/stderr are host temp files (/tmp, the root disk); "
-                   "fallocate(FALLOC_FL_KEEP_SIZE) allocates blocks past EOF, which RLIMIT_FSIZE never checks and no "
-                   "cgroup charges: a program can fill the host disk for the length of its run")
 def test_a_program_cannot_allocate_host_disk_past_the_file_limit():
     res = run_code(FALLOCATE.format(size=64 << 20), max_file_mb=1, timeout=10)  # guard on: the default
     assert _host_bytes(res.stdout) <= 2 << 20, res.stdout
 
 
-@pytest.mark.xfail(strict=True, reason="HOLE: same fallocate(KEEP_SIZE) on the candidate's stdout, on the scoring path")
 def test_a_candidate_cannot_allocate_host_disk_past_the_file_limit():
     sol = FALLOCATE.format(size=64 << 20) + "def add(a, b):\n    return a + b\n"
     res = run_function_tests(sol, "add", "def check(f):\n    assert f(1, 2) == 3\n", max_file_mb=1, timeout=10)
     assert _host_bytes(res.stdout) <= 2 << 20, res.stdout
 
 
-@pytest.mark.xfail(strict=True, reason="HOLE: stderr is a seekable O_RDWR host file, so a program can pwrite over the "
-                   "'\\x00isolation:' line at offset 0 and choose the layers its result reports")
 @pytest.mark.parametrize("path", ["run_code", "run_function_tests"])
 def test_a_program_cannot_rewrite_its_isolation_record(path):
     forge = "import os\nos.pwrite(2, b'\\x00isolation:FORGED\\n', 0)\n"
@@ -85,8 +82,6 @@ O_DIRECT = ("import os, fcntl\n"
             "    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_DIRECT)\n")
 
 
-@pytest.mark.xfail(strict=True, reason="HOLE: fcntl(1/2, F_SETFL, O_DIRECT) on the shared open file description makes "
-                   "the harness's read of the output raise OSError(EINVAL): one completion crashes the eval / GRPO step")
 @pytest.mark.parametrize("path", ["run_code", "run_function_tests", "grpo_code_passes"])
 def test_a_program_cannot_make_the_harness_raise(path):
     wrong = O_DIRECT + "def add(a, b):\n    return 0\n"
@@ -117,9 +112,6 @@ finally:
 """
 
 
-@pytest.mark.xfail(strict=True, reason="HOLE (robustness): a harness killed by SIGKILL/OOM leaves its pooled cgroups "
-                   "(ember-sandbox-<pid>-<n>, in the pids hierarchy's shared root here); a later harness that gets "
-                   "the same pid (pid_max is 32768 here) raises FileExistsError from its first run")
 def test_a_stale_cgroup_of_a_dead_harness_does_not_break_a_new_one():
     if not sandbox.layers.machine().cgroup:
         pytest.skip("no cgroups here")
@@ -127,9 +119,6 @@ def test_a_stale_cgroup_of_a_dead_harness_does_not_break_a_new_one():
     assert out.stdout.strip() == "passed", out.stdout + out.stderr[-500:]
 
 
-@pytest.mark.xfail(strict=True, reason="HOLE (weak mode): without bubblewrap, run_code never asks for Landlock's read "
-                   "restriction (only run_function_tests passes restrict_reads), so a program reads any host file the "
-                   "sandbox uid can: here the HumanEval answer key; docs/stages/sandbox.md says landlock-read hides them")
 def test_without_bwrap_run_code_cannot_read_host_files(monkeypatch):
     from ember.common.sandbox import layers
     if os.geteuid() != 0:
@@ -153,10 +142,6 @@ print("SEEN", seen, flush=True)
 '''
 
 
-@pytest.mark.xfail(strict=True, reason="HOLE: inotify is allowed and inotify events are per inode, so a watch on a "
-                   "read-only bind (the stdlib, /usr/lib) sees every host process -- and every other sandbox, the "
-                   "check included -- that opens files there: a side channel out of the sandbox and a covert "
-                   "channel between concurrent runs")
 def test_a_program_cannot_watch_host_file_activity():
     stop = threading.Event()
 
@@ -190,7 +175,7 @@ _RESP_FD = ("import os, fcntl\n"
             "def _resp():\n"
             "    for fd in [int(x) for x in os.listdir('/proc/self/fd')]:\n"
             "        try:\n"
-            "            if os.readlink('/proc/self/fd/%d' % fd).startswith('pipe:') and "
+            "            if fd > 2 and os.readlink('/proc/self/fd/%d' % fd).startswith('pipe:') and "
             "fcntl.fcntl(fd, fcntl.F_GETFL) & 3 == 1:\n"
             "                return fd\n"
             "        except OSError:\n"

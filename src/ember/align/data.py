@@ -377,8 +377,10 @@ def code_passes(task: dict, completion: str, timeout: float = 5.0) -> bool:
     the reply cannot forge (the tests run in a second sandbox; the reply only answers calls with plain data)."""
     from ember.common.sandbox import run_function_tests
 
-    code = task.get("prefix", "") + extract_code(completion)
-    return run_function_tests(code, task["entry_point"], task["test"], timeout=timeout).passed
+    prefix = task.get("prefix", "")
+    # the prefix is trusted task data: the tests may call helpers it defines (as HumanEval/32's tests use `poly`)
+    return run_function_tests(prefix + extract_code(completion), task["entry_point"], task["test"], timeout=timeout,
+                              helpers=prefix).passed
 
 
 def task_rewards(tasks: list[dict], completions: list[str], timeout: float = 5.0, workers: int = 2) -> list[float]:

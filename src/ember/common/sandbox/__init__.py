@@ -38,6 +38,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -146,7 +147,9 @@ def _wait_no_reap(pid: int, deadline: float) -> bool:
         fd = -1
     if fd >= 0:
         try:
-            select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            poll = select.poll()
+            poll.register(fd, select.POLLIN)
+            poll.poll(max(0.0, deadline - time.monotonic()) * 1000)
         finally:
             os.close(fd)
     delay = 0.001
@@ -160,9 +163,30 @@ def _wait_no_reap(pid: int, deadline: float) -> bool:
         delay = min(delay * 2, 0.02)
 
 
-def _read(f, limit: int = MAX_OUTPUT) -> str:
-    f.seek(0)
-    return f.read(limit).decode("utf-8", errors="replace")
+class _Output(threading.Thread):
+    """Drains one output pipe of a sandbox, keeping its first MAX_OUTPUT bytes and its last 256. A pipe, not a
+    file: a program cannot seek, pwrite over what it printed first, fallocate host disk or set O_DIRECT on a
+    description the harness shares, and what it writes past the kept bytes costs nothing but its own time."""
+
+    def __init__(self, fd: int):
+        super().__init__(daemon=True)
+        self.fd, self.head, self.tail = fd, bytearray(), b""
+        self.start()
+
+    def run(self) -> None:
+        try:
+            while chunk := os.read(self.fd, 1 << 16):
+                if len(self.head) < MAX_OUTPUT:
+                    self.head += chunk[:MAX_OUTPUT - len(self.head)]
+                self.tail = (self.tail + chunk)[-256:]
+        except OSError:
+            pass
+        finally:
+            os.close(self.fd)
+
+    def text(self) -> str:
+        self.join(timeout=5)  # EOF comes once every process of the sandbox is dead (_stop)
+        return bytes(self.head).decode("utf-8", errors="replace")
 
 
 def _memfd(name: str, data: bytes) -> int:
@@ -182,10 +206,12 @@ class _Sandbox:
     cgroups: list[Path]
     workdir: str | None  # host folder (no bwrap), else None: the work dir is a tmpfs inside the sandbox
     layers: list[str]  # set up from outside (the child reports its own)
+    out: _Output | None = None  # its stdout and stderr, drained as it runs
+    err: _Output | None = None
 
 
-def _start(mode: str, files: dict[str, str], used: set[int], limits: dict, stdin, stdout, stderr,
-           pass_fds: tuple[int, ...] = (), **params) -> _Sandbox:
+def _start(mode: str, files: dict[str, str], used: set[int], limits: dict, stdin, pass_fds: tuple[int, ...] = (),
+           **params) -> _Sandbox:
     """Launch the child program (child.py) in `mode` in a fresh sandbox: bwrap + cgroups where the machine has
     them, else a host temp dir, rlimits and the child's own layers. limits: timeout, memory_mb, max_procs,
     max_file_mb, disk_mb, guard."""
@@ -195,7 +221,7 @@ def _start(mode: str, files: dict[str, str], used: set[int], limits: dict, stdin
     max_procs = limits["max_procs"]
     nproc = max_procs
     if not is_root:  # RLIMIT_NPROC counts all processes of the user: allow max_procs more than exist now
-        nproc += sum(1 for u in used if u == os.getuid())
+        nproc += sum(1 for u in _proc_uids().values() if u == os.getuid())
     p = {"mode": mode, "uid": uid, "guard": limits["guard"], "bwrap": bool(m.bwrap),
          "preimport": [] if m.readable else PREIMPORT, **params,
          "limits": {"RLIMIT_CPU": int(limits["timeout"]) + 1, "RLIMIT_AS": limits["memory_mb"] << 20,
@@ -243,8 +269,18 @@ def _start(mode: str, files: dict[str, str], used: set[int], limits: dict, stdin
             cmd = ["/bin/sh", "-c", _JOIN_CGROUPS, "sh", str(len(procs)), *procs] + cmd
         if uid is not None:
             layers.append("uid")
-        popen = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=stdin, stdout=stdout, stderr=stderr,
-                                 start_new_session=True, pass_fds=tuple(pass_fds) + tuple(fds), **kw)
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        try:
+            popen = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=stdin, stdout=out_w, stderr=err_w,
+                                     start_new_session=True, pass_fds=tuple(pass_fds) + tuple(fds), **kw)
+        except BaseException:
+            for fd in (out_r, err_r):
+                os.close(fd)
+            raise
+        finally:
+            os.close(out_w)
+            os.close(err_w)
     except BaseException:
         layers_mod.release_cgroups(cgroups)
         if workdir:
@@ -253,7 +289,7 @@ def _start(mode: str, files: dict[str, str], used: set[int], limits: dict, stdin
     finally:
         for fd in fds:
             os.close(fd)
-    return _Sandbox(popen, uid, python, bool(m.bwrap), cgroups, workdir, layers)
+    return _Sandbox(popen, uid, python, bool(m.bwrap), cgroups, workdir, layers, _Output(out_r), _Output(err_r))
 
 
 def _stop(boxes: list[_Sandbox]) -> None:
@@ -298,37 +334,36 @@ def _isolation(stderr: str) -> tuple[list[str], str]:
 
 
 def run_code(code: str, timeout: float = 5.0, memory_mb: int = 512, max_procs: int = 8, max_file_mb: int = 16,
-             disk_mb: int = 64, guard: bool = True) -> SandboxResult:
+             disk_mb: int = 64, guard: bool = True, restrict_reads: bool = True) -> SandboxResult:
     """Run `code` as a Python program in a fresh sandbox; see the module docstring for the layers.
 
     timeout: wall-clock seconds (CPU limit = timeout + 1 s). memory_mb: memory of the whole run with cgroups
     (and each process's address space). max_procs: processes at once. max_file_mb: largest file it may write;
     disk_mb: all it may write (the tmpfs under bwrap). guard=False leaves out the in-Python layer (tests use it
-    to check that the OS layers alone contain an attack)."""
+    to check that the OS layers alone contain an attack). restrict_reads: without bwrap, Landlock hides the
+    host's files (with bwrap the mount namespace does)."""
     t0 = time.monotonic()
     limits = dict(timeout=timeout, memory_mb=memory_mb, max_procs=max_procs, max_file_mb=max_file_mb,
                   disk_mb=disk_mb, guard=guard)
     nonce = secrets.token_hex(8)
     status, finished = "failed", False
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        boxes = []
+    boxes = []
+    try:
+        box = _start("program", {"program.py": code}, set(_proc_uids().values()), limits, subprocess.PIPE,
+                     restrict_reads=restrict_reads)
+        boxes.append(box)
         try:
-            box = _start("program", {"program.py": code}, set(_proc_uids().values()), limits, subprocess.PIPE,
-                         out, err)
-            boxes.append(box)
-            try:
-                box.popen.stdin.write(nonce.encode() + b"\n")
-                box.popen.stdin.close()
-            except OSError:  # the child already died (e.g. a limit); its status says so below
-                pass
-            finished = _wait_no_reap(box.popen.pid, t0 + timeout)
-        finally:
-            _stop(boxes)
-        rc = _exit_status(box, box.popen.returncode)
-        stdout, stderr = _read(out), _read(err)
-        done = f"\x00done:{nonce}\n"
-        err.seek(max(0, err.seek(0, os.SEEK_END) - len(done)))
-        ended = err.read().decode("utf-8", errors="replace") == done  # the file's end: stderr may be over MAX_OUTPUT
+            box.popen.stdin.write(nonce.encode() + b"\n")
+            box.popen.stdin.close()
+        except OSError:  # the child already died (e.g. a limit); its status says so below
+            pass
+        finished = _wait_no_reap(box.popen.pid, t0 + timeout)
+    finally:
+        _stop(boxes)
+    rc = _exit_status(box, box.popen.returncode)
+    stdout, stderr = box.out.text(), box.err.text()
+    done = f"\x00done:{nonce}\n"
+    ended = box.err.tail.endswith(done.encode())  # the stream's end: stderr may be over MAX_OUTPUT
     isolation, stderr = _isolation(stderr)
     if not finished:
         status = "timeout"
@@ -364,37 +399,36 @@ def run_function_tests(solution_code: str, entry_point: str, test_code: str, tim
     res_r, res_w = os.pipe()
     boxes: list[_Sandbox] = []
     finished, verdict = False, b""
-    with tempfile.TemporaryFile() as c_out, tempfile.TemporaryFile() as c_err, \
-            tempfile.TemporaryFile() as k_out, tempfile.TemporaryFile() as k_err:
+    try:
+        boxes.append(_start("candidate", {"program.py": solution_code}, used, limits, subprocess.DEVNULL,
+                            (req_r, resp_w), entry_point=entry_point, restrict_reads=restrict_reads,
+                            rfd=req_r, wfd=resp_w))
+        chk = _start("check", {}, used, limits, subprocess.PIPE, (resp_r, req_w, res_w),
+                     call_timeout=float(call_timeout or timeout), rfd=resp_r, wfd=req_w, resfd=res_w)
+        boxes.append(chk)
+        for fd in (req_r, req_w, resp_r, resp_w, res_w):
+            os.close(fd)
+        req_r = req_w = resp_r = resp_w = res_w = -1
         try:
-            boxes.append(_start("candidate", {"program.py": solution_code}, used, limits, subprocess.DEVNULL, c_out,
-                                c_err, (req_r, resp_w), entry_point=entry_point, restrict_reads=restrict_reads,
-                                rfd=req_r, wfd=resp_w))
-            chk = _start("check", {}, used, limits, subprocess.PIPE, k_out, k_err, (resp_r, req_w, res_w),
-                         call_timeout=float(call_timeout or timeout), rfd=resp_r, wfd=req_w, resfd=res_w)
-            boxes.append(chk)
-            for fd in (req_r, req_w, resp_r, resp_w, res_w):
+            chk.popen.stdin.write(json.dumps({"nonce": nonce, "helpers": helpers, "test": test_code,
+                                              "check": check, "entry_point": entry_point}).encode())
+            chk.popen.stdin.close()
+        except OSError:
+            pass
+        # the check writes its verdict and exits; the pipe is readable then (data, or EOF once it is gone)
+        if select.select([res_r], [], [], max(0.0, t0 + timeout - time.monotonic()))[0]:
+            verdict = os.read(res_r, 4096)
+        finished = _wait_no_reap(chk.popen.pid, t0 + timeout)
+    finally:
+        for fd in (req_r, req_w, resp_r, resp_w, res_w, res_r):
+            if fd >= 0:
                 os.close(fd)
-            req_r = req_w = resp_r = resp_w = res_w = -1
-            try:
-                chk.popen.stdin.write(json.dumps({"nonce": nonce, "helpers": helpers, "test": test_code,
-                                                  "check": check, "entry_point": entry_point}).encode())
-                chk.popen.stdin.close()
-            except OSError:
-                pass
-            # the check writes its verdict and exits; the pipe is readable then (data, or EOF once it is gone)
-            if select.select([res_r], [], [], max(0.0, t0 + timeout - time.monotonic()))[0]:
-                verdict = os.read(res_r, 4096)
-            finished = _wait_no_reap(chk.popen.pid, t0 + timeout)
-        finally:
-            for fd in (req_r, req_w, resp_r, resp_w, res_w, res_r):
-                if fd >= 0:
-                    os.close(fd)
-            _stop(boxes)
-        rc = _exit_status(boxes[1], boxes[1].popen.returncode) if len(boxes) == 2 else None
-        isolation, stderr = _isolation(_read(c_err))
-        chk_iso, chk_stderr = _isolation(_read(k_err))
-        stdout = _read(c_out)
+        _stop(boxes)
+    rc = _exit_status(boxes[1], boxes[1].popen.returncode)
+    isolation, stderr = _isolation(boxes[0].err.text())
+    chk_iso, chk_stderr = _isolation(boxes[1].err.text())
+    stdout = boxes[0].out.text()
+    boxes[1].out.text()  # drained and dropped: the trusted check's prints
     status = "failed"
     if not finished:
         status = "timeout"

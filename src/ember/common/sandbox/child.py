@@ -62,9 +62,14 @@ def confine(P):
             active.append(name)
         except (ValueError, OSError, AttributeError):
             pass
-    # PR_SET_DUMPABLE 0: the check process cannot be ptraced, its /proc/pid/{mem,fd} are root's
-    if P.get("mode") == "check" and libc is not None and libc.prctl(4, 0, 0, 0, 0) == 0:
+    # PR_SET_DUMPABLE 0: not ptraceable, /proc/pid/{mem,fd} are root's, no core handed to a host helper
+    if libc is not None and libc.prctl(4, 0, 0, 0, 0) == 0:
         active.append("nodump")
+    try:  # under memory pressure the kernel kills a sandbox before the harness
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
+    except OSError:
+        pass
     reads = None
     if P.get("restrict_reads") and not P["bwrap"]:  # without a mount namespace: the interpreter and system
         # libraries stay readable, the project, datasets and home do not
@@ -299,8 +304,10 @@ def run_check(P):
 
 
 def main():
+    global libc, ctypes
     P = json.loads(sys.argv[1])
     active = confine(P)
+    libc = ctypes = None  # the program can reach this module (sys.modules["__main__"]): leave it no libc handle
     sys.stderr.write("\x00isolation:" + ",".join(active) + "\n")
     sys.stderr.flush()
     del sys.argv[1:]

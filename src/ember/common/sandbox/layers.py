@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import itertools
 import json
+import secrets
 import os
 import shutil
 import subprocess
@@ -74,6 +75,7 @@ def _probe() -> Machine:
             m.bwrap = bwrap
     if root:
         m.cgroup, m.cgroup_base = _cgroups()
+        _sweep_stale(m)
     if not m.cgroup:
         m.missing["cgroup"] = ("no writable cgroup memory+pids controllers (needs root and cgroup v2, or v1 "
                                "memory/pids): memory and processes are limited per process (rlimits) instead, so a "
@@ -191,6 +193,21 @@ def _cgroups() -> tuple[str, dict[str, Path]]:
     return "", {}
 
 
+def _sweep_stale(m: Machine) -> None:
+    """Remove the empty cgroups a harness killed before its exit handler left (named after its pid, now dead)."""
+    for base in m.cgroup_base.values():
+        for d in base.glob("ember-sandbox-*"):
+            try:
+                pid = int(d.name.split("-")[2])
+            except (IndexError, ValueError):
+                continue
+            if pid != os.getpid() and not os.path.exists(f"/proc/{pid}"):
+                try:
+                    d.rmdir()  # fails, harmlessly, if anything still runs in it
+                except OSError:
+                    pass
+
+
 # Empty cgroups kept for the next run (creating one costs ~5 ms): each is taken by one run at a time and removed
 # when the harness exits. A run's limits are written afresh when it takes one.
 _pool: list[list[Path]] = []
@@ -203,8 +220,8 @@ def take_cgroups(m: Machine, uid: int | None, memory_mb: int, max_procs: int) ->
     cgroup.procs files, owned by root, are what the launcher writes its own pid into before dropping to uid."""
     with _pool_lock:
         dirs = _pool.pop() if _pool else None
-    if dirs is None:
-        dirs = _make_cgroups(m, f"ember-sandbox-{os.getpid()}-{next(_pool_ids)}")
+    if dirs is None:  # a random part too: a SIGKILLed harness with our pid may have left its cgroups behind
+        dirs = _make_cgroups(m, f"ember-sandbox-{os.getpid()}-{next(_pool_ids)}-{secrets.token_hex(3)}")
     try:
         for d in dirs:
             if (d / "memory.max").exists():  # v2
