@@ -4,7 +4,7 @@ a short recovery fine-tune.
 
     python benchmarks/bench_distill.py                       # both parts (~15-25 min on 2 shared CPU cores)
     python benchmarks/bench_distill.py --part=distill --steps=300
-    python benchmarks/bench_distill.py --part=prune
+    python benchmarks/bench_distill.py --part=prune --recover_steps=0    # held-out loss right after pruning
 
 Setup: the quickstart pipeline up to pretraining (stdlib tokens, 4096-token BPE, depth-4 teacher, 256 wide, 500
 steps); cached in --run, so a rerun starts at once. distill: student `from_depth:2` (2 layers, 128 wide) for
@@ -60,7 +60,7 @@ def part_distill(run: str, steps: int) -> None:
         print(f"| {name} | {m['val_loss']:.4f} | {m['val_kl']:.4f} | {s:.0f} |")
 
 
-def part_prune(run: str) -> None:
+def part_prune(run: str, recover_steps: int) -> None:
     from ember.compress.prune import prune_2_4, prune_magnitude, prune_structured, prune_wanda
     from ember.compress.recover import recover
     from ember.data.loader import TokenLoader, val_batches
@@ -71,7 +71,7 @@ def part_prune(run: str) -> None:
     val = list(val_batches(tokens, B, T, EVAL_BATCHES))
     loader = TokenLoader(tokens, "train", B, T, seed=7)
     calib = torch.cat([loader.next_batch()[0] for _ in range(4)])  # (32, T) calibration windows of the train split
-    train = [loader.next_batch() for _ in range(100)]
+    train = [loader.next_batch() for _ in range(recover_steps)]
 
     @torch.no_grad()
     def held_out(model) -> float:
@@ -85,7 +85,7 @@ def part_prune(run: str) -> None:
                ("2:4 (Wanda score)", lambda m: prune_2_4(m, calib, "wanda")),
                ("structured heads 25% + FFN 25%", lambda m: prune_structured(m, calib, heads=0.25, ffn=0.25)),
                ("structured 1 layer of 4", lambda m: prune_structured(m, calib, layers=1))]
-    print("| method | params | sparsity / removed | held-out loss | after recovery (100 steps, full) | prune s |")
+    print(f"| method | params | sparsity / removed | held-out loss | after recovery ({recover_steps} steps, full) | prune s |")
     print("|---|---|---|---|---|---|")
     print(f"| dense | {teacher.num_params() / 1e6:.2f}M | 0 | {dense:.4f} | - | - |")
     for name, fn in methods:
@@ -93,11 +93,13 @@ def part_prune(run: str) -> None:
         model, info = fn(copy.deepcopy(teacher))
         dt = time.time() - t0
         before = held_out(model)
-        torch.manual_seed(0)
-        model, _ = recover(model, train, steps=100, lr=3e-4, lora=False)
-        after = held_out(model)
+        after = "-"
+        if recover_steps:
+            torch.manual_seed(0)
+            model, _ = recover(model, train, steps=recover_steps, lr=3e-4, lora=False)
+            after = f"{held_out(model):.4f}"
         frac = info.get("removed_fraction", info.get("sparsity"))
-        print(f"| {name} | {model.num_params() / 1e6:.2f}M | {frac:.1%} | {before:.4f} | {after:.4f} | {dt:.1f} |")
+        print(f"| {name} | {model.num_params() / 1e6:.2f}M | {frac:.1%} | {before:.4f} | {after} | {dt:.1f} |")
 
 
 def main() -> None:
@@ -105,12 +107,13 @@ def main() -> None:
     ap.add_argument("--part", choices=["all", "distill", "prune"], default="all")
     ap.add_argument("--run", default="runs/bench_distill")
     ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--recover_steps", type=int, default=100)  # 0 = prune only (each recovery step is a training step)
     args = ap.parse_args()
     quickstart_teacher(args.run)
     if args.part in ("all", "distill"):
         part_distill(args.run, args.steps)
     if args.part in ("all", "prune"):
-        part_prune(args.run)
+        part_prune(args.run, args.recover_steps)
 
 
 if __name__ == "__main__":
