@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=32, help="WikiText-2 valid windows for GPTQ/AWQ")
     ap.add_argument("--decode", type=int, default=48, help="tokens generated for the decode speed")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for perplexity and quantization")
-    ap.add_argument("--methods", default="fp32,bf16,int8,w8a8,rtn4-64,gptq-64,awq-64,rtn4-32,gptq-32,torchao-int8,torchao-int8-bf16")
+    ap.add_argument("--methods", default="fp32,bf16,int8,w8a8,rtn4-64,gptq-64,gptqa-64,awq-64,rtn4-32,gptq-32,awq-32,torchao-int8,torchao-int8-bf16")
     args = ap.parse_args()
     if args.quick:
         args.windows, args.calib, args.decode, args.methods = 4, 8, 16, "fp32,bf16,int8,rtn4-64,gptq-64,awq-64,torchao-int8"
