@@ -125,6 +125,7 @@ def _fit_scale_min(x: np.ndarray, w: np.ndarray, nmax: int = 15, rmin: float = -
     squared error. Facts of ggml's make_qkx2_quants: start from the min/max grid, then try nstep+1 slightly
     stretched grids (iscale = (nmax + rmin + rdelta*i) / (max - min)), least-squares-fit scale and min to each
     rounding, keep the best; the min is never above 0. Returns (scale (m,), m = -min (m,), L (m, 32) float)."""
+    x, w = x.astype(np.float64), w.astype(np.float64)  # exact enough sums: near ties go to the better fit
     lo, hi = np.minimum(x.min(1), 0), x.max(1)
     flat = hi == lo
     sw, sx = w.sum(1), (w * x).sum(1)
@@ -180,6 +181,7 @@ def _fit_symmetric(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     """Per row of x (m, 16): signed levels L in -nmax..nmax-1 and a scale with x ~ scale*L, minimizing the
     x^2-weighted squared error (ggml's make_qx_quants, rmse_type 1): the grid through the largest |x| and 18
     stretched ones (nmax +- 0.1*i), each with its least-squares scale. Returns (scale (m,), L (m, 16) float)."""
+    x = x.astype(np.float64)  # exact enough sums: near ties go to the better fit
     big = np.take_along_axis(x, np.abs(x).argmax(1)[:, None], 1)[:, 0]
     zero = np.abs(big) < 1e-15
     big = np.where(zero, 1, big)
